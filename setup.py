@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-ls",
+    version="0.1.0",
+    description="Megatron/DeepSpeed-style training of the Long-Short Transformer as a character LM",
+    packages=find_packages(include=["megatron_ls", "megatron_ls.*"]),
+    python_requires=">=3.10",
+    # torch is pinned by requirements.txt and installed first (see scripts/setup_env.sh);
+    # a bare range here would let pip pull a CUDA build on a machine without it.
+    install_requires=["numpy", "tqdm"],
+    extras_require={
+        "train": ["deepspeed==0.19.8", "tensorboard", "sentencepiece", "safetensors"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mls-preprocess-data=megatron_ls.cli.preprocess_data:main",
+        ],
+    },
+)
