@@ -54,6 +54,6 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-token loss in nats, shape of `target`; `logits` is this rank's vocab partition (fp32 math)."""
     if mpu.get_tensor_model_parallel_world_size() == 1:
-        flat = F.cross_entropy(_at_least_fp32(logits).reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+        flat = F.cross_entropy(_at_least_fp32(logits).flatten(0, -2), target.reshape(-1), reduction="none")
         return flat.view_as(target)
     return _VocabParallelCrossEntropy.apply(logits, target)
