@@ -1,0 +1,195 @@
+"""Tokenizers: bytes (enwik8, any corpus), text8's 27 symbols, sentencepiece.
+
+Every tokenizer has ``encode``, ``decode``, ``vocab_size`` and ``describe()``; the description
+(a small dict stored in the JSON beside the shards) rebuilds it through ``build_tokenizer``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from .errors import DataError
+
+TEXT8_ALPHABET = " abcdefghijklmnopqrstuvwxyz"
+
+
+class ByteTokenizer:
+    """One token per byte, ids 0..255; text is encoded as UTF-8."""
+
+    vocab_size = 256
+    dtype = np.uint8
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return np.frombuffer(data, dtype=np.uint8).copy()
+
+    def decode_bytes(self, ids: Iterable[int] | np.ndarray) -> bytes:
+        return np.asarray(ids, dtype=np.int64).astype(np.uint8).tobytes()
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        # A model may sample a byte sequence that is not valid UTF-8; show it, do not fail.
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def describe(self) -> dict:
+        return {"type": "byte", "vocab_size": self.vocab_size}
+
+
+class Text8Tokenizer:
+    """text8's alphabet: id 0 is the space, ids 1..26 are 'a'..'z' (alphabetical order).
+
+    Any other character is an error: text8 contains only these 27 symbols.
+    """
+
+    vocab_size = 27
+    dtype = np.uint8
+    alphabet = TEXT8_ALPHABET
+    _alphabet_bytes = TEXT8_ALPHABET.encode("ascii")
+    # bytes.translate tables: byte -> id, applied after the alphabet check.
+    _to_id = bytes(TEXT8_ALPHABET.index(chr(b)) if chr(b) in TEXT8_ALPHABET else 0 for b in range(256))
+    _valid = np.zeros(256, dtype=bool)
+    _valid[list(_alphabet_bytes)] = True
+
+    def encode_block(self, block: bytes, offset: int = 0) -> bytes:
+        """Map raw text8 bytes to ids (as bytes, one per symbol); ``offset`` only for errors."""
+        if block.translate(None, self._alphabet_bytes):
+            arr = np.frombuffer(block, dtype=np.uint8)
+            pos = int(np.flatnonzero(~self._valid[arr])[0])
+            raise DataError(
+                f"byte 0x{arr[pos]:02x} ({chr(arr[pos])!r}) at offset {offset + pos:,} is outside "
+                f"text8's alphabet (a-z and space)"
+            )
+        return block.translate(self._to_id)
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        data = text.encode("latin-1", errors="replace") if isinstance(text, str) else bytes(text)
+        if isinstance(text, str) and any(ord(c) > 255 for c in text):
+            bad = next(i for i, c in enumerate(text) if ord(c) > 255)
+            raise DataError(f"character {text[bad]!r} at offset {bad:,} is outside text8's alphabet")
+        return np.frombuffer(self.encode_block(data), dtype=np.uint8).copy()
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise DataError(f"text8 ids must be in 0..26, got {int(arr.min())}..{int(arr.max())}")
+        return "".join(self.alphabet[i] for i in arr.tolist())
+
+    def describe(self) -> dict:
+        return {"type": "text8", "vocab_size": self.vocab_size, "alphabet": self.alphabet}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class SentencePieceTokenizer:
+    """A trained sentencepiece model (.model file)."""
+
+    def __init__(self, model_path: str) -> None:
+        import sentencepiece as spm
+
+        if not os.path.isfile(model_path):
+            raise DataError(f"sentencepiece model not found: {model_path}")
+        self.model_path = model_path
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(model_path)
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"cannot load sentencepiece model {model_path}: {e}") from None
+        self.vocab_size = int(self._sp.GetPieceSize())
+        self.dtype = np.uint16 if self.vocab_size <= 2**16 else np.int32
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.Encode(text, out_type=int), dtype=np.int64)
+
+    def encode_many(self, texts: Sequence[str], num_threads: int = 1) -> np.ndarray:
+        """Encode pieces of one stream and concatenate them (``num_threads`` encoder threads)."""
+        if not texts:
+            return np.empty(0, dtype=np.int64)
+        out = self._sp.Encode(list(texts), out_type=int, num_threads=max(num_threads, 1))
+        return np.fromiter((i for ids in out for i in ids), dtype=np.int64)
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        return self._sp.Decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+    def describe(self, relative_to: str | None = None) -> dict:
+        path = self.model_path
+        if relative_to is not None:
+            path = os.path.relpath(os.path.abspath(path), os.path.abspath(relative_to))
+        return {
+            "type": "sentencepiece",
+            "vocab_size": self.vocab_size,
+            "model": path,
+            "model_sha256": _sha256(self.model_path),
+        }
+
+
+def train_sentencepiece(
+    files: Sequence[str],
+    model_prefix: str,
+    vocab_size: int,
+    model_type: str = "unigram",
+    num_threads: int = 1,
+    input_sentence_size: int = 2_000_000,
+) -> str:
+    """Train a sentencepiece model on text files; returns the path of ``model_prefix.model``.
+
+    Settings chosen so that decode(encode(text)) == text: identity normalisation, no dummy
+    prefix, whitespace kept, and byte fallback for characters the model has not seen (so
+    ``vocab_size`` must leave room for the 256 byte pieces plus the special ones).
+    """
+    import sentencepiece as spm
+
+    if vocab_size < 256 + 4:
+        raise DataError(f"--vocab-size {vocab_size} too small: byte fallback needs at least 260")
+    try:
+        spm.SentencePieceTrainer.Train(
+            input=list(files),
+            model_prefix=model_prefix,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=1.0,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            hard_vocab_limit=False,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            num_threads=max(num_threads, 1),
+            minloglevel=2,
+        )
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"sentencepiece training failed: {str(e).splitlines()[0]}") from None
+    return model_prefix + ".model"
+
+
+Tokenizer = ByteTokenizer | Text8Tokenizer | SentencePieceTokenizer
+
+
+def build_tokenizer(description: dict, base_dir: str | None = None) -> Tokenizer:
+    """Rebuild a tokenizer from ``describe()``; relative model paths resolve from ``base_dir``."""
+    kind = description.get("type")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "text8":
+        return Text8Tokenizer()
+    if kind == "sentencepiece":
+        path = description["model"]
+        if base_dir is not None and not os.path.isabs(path):
+            path = os.path.join(base_dir, path)
+        tok = SentencePieceTokenizer(path)
+        want = description.get("model_sha256")
+        if want and _sha256(path) != want:
+            raise DataError(f"sentencepiece model {path} differs from the one the shards were built with")
+        return tok
+    raise DataError(f"unknown tokenizer type {kind!r} (expected byte, text8 or sentencepiece)")
