@@ -127,9 +127,13 @@ class MMapIndexedDatasetBuilder:
             self._open_len = 0
 
     def add_item(self, tokens: np.ndarray | bytes | memoryview) -> None:
-        """Megatron's name: append one whole sequence."""
-        self.add_tokens(tokens)
-        self.end_sequence()
+        """Megatron's name: append one whole sequence (an empty one too, as Megatron does)."""
+        arr = self._as_array(tokens)
+        if arr.size == 0 and self._open_len == 0:
+            self._sizes.append(0)
+        else:
+            self.add_tokens(arr)
+            self.end_sequence()
 
     def end_document(self) -> None:
         self.end_sequence()
