@@ -1,0 +1,49 @@
+"""Pick the implementation of the long-short core by name (`attention_impl`)."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_ls.model.attention.blocked import long_short_attention_blocked
+from megatron_ls.model.attention.reference import long_short_attention_reference
+
+
+def _fused():
+    try:
+        from megatron_ls.kernels import long_short_attention_fused
+    except ImportError as e:
+        raise NotImplementedError(
+            "attention_impl='fused' needs megatron_ls.kernels.long_short_attention_fused, which is not "
+            f"importable here ({e}); use attention_impl='blocked' or 'auto'") from e
+    return long_short_attention_fused
+
+
+def fused_available() -> bool:
+    try:
+        _fused()
+    except NotImplementedError:
+        return False
+    return True
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """'auto' is the fused kernel on CUDA when it is importable, `blocked` everywhere else."""
+    if impl == "auto":
+        return "fused" if device.type == "cuda" and fused_available() else "blocked"
+    if impl not in ("reference", "blocked", "fused"):
+        raise ValueError(f"attention_impl must be reference | blocked | fused | auto, got {impl!r}")
+    return impl
+
+
+def long_short_attention(q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, k_lm: torch.Tensor,
+                         v_lm: torch.Tensor, pos_bias_u: torch.Tensor, pos_bias_v: torch.Tensor,
+                         r_win: torch.Tensor, r_lm: torch.Tensor, *, window: int, chunk: int, chunk_rank: int,
+                         mem_len: int, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                         impl: str = "auto") -> torch.Tensor:
+    """The long-short core on local heads; see megatron_ls.model.attention for the contract."""
+    impl = resolve_impl(impl, q.device)
+    fn = {"reference": long_short_attention_reference, "blocked": long_short_attention_blocked}.get(impl)
+    if fn is None:
+        fn = _fused()
+    return fn(q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm, window=window, chunk=chunk,
+              chunk_rank=chunk_rank, mem_len=mem_len, dropout_p=dropout_p, softmax_scale=softmax_scale)

@@ -1,0 +1,102 @@
+"""TransformerLSLM: the character / byte language model with a per-layer memory.
+
+tokens -> embedding * sqrt(D) -> dropout -> layers (each with its memory) -> final LayerNorm
+-> logits through the (tied) embedding. Under tensor parallelism the vocabulary is padded to a
+multiple of tp and split across ranks; the padding columns are masked to a large negative
+number, so TP=2 with padding computes what TP=1 without it does, and the loss never needs the
+full logits (vocab-parallel cross entropy).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ls.model.attention.common import neg_value
+from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.model.layer import TransformerLSLayer
+from megatron_ls.model.memory import update_memory
+from megatron_ls.parallel import mpu
+from megatron_ls.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_ls.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, normal_init
+from megatron_ls.parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+)
+
+Memory = list[torch.Tensor]
+
+
+class TransformerLSLM(nn.Module):
+    def __init__(self, config: TransformerLSConfig) -> None:
+        super().__init__()
+        self.config = config
+        tp = mpu.get_tensor_model_parallel_world_size()
+        self.padded_vocab_size = config.padded_vocab_size(tp)
+        init = normal_init(config.init_method_std)
+        self.embedding = VocabParallelEmbedding(self.padded_vocab_size, config.hidden_size, init_method=init)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(TransformerLSLayer(config) for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.output = None
+        if not config.tie_embeddings:
+            self.output = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size, bias=False,
+                                               init_method=init)
+        per_rank = self.padded_vocab_size // tp
+        self.vocab_start = per_rank * mpu.get_tensor_model_parallel_rank()
+
+    # ---- pieces (also used by pipeline stages and inference) -------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding_dropout(self.embedding(tokens) * math.sqrt(self.config.hidden_size))
+
+    def logits_local(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary partition of the logits (B, N, V_pad / tp); padding columns masked."""
+        weight = self.embedding.weight if self.output is None else self.output.weight
+        logits = F.linear(copy_to_tensor_model_parallel_region(hidden), weight)
+        n_local = logits.shape[-1]
+        if self.vocab_start + n_local > self.config.vocab_size:
+            cols = torch.arange(self.vocab_start, self.vocab_start + n_local, device=logits.device)
+            logits = logits.masked_fill(cols >= self.config.vocab_size, neg_value(logits.dtype))
+        return logits
+
+    def hidden_states(self, tokens: torch.Tensor, memory: Memory | None = None) -> tuple[torch.Tensor, Memory]:
+        """Final-normalised hidden states (B, N, D) and the next memory."""
+        cfg = self.config
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, N), got {tuple(tokens.shape)}")
+        if memory is not None and len(memory) not in (0, cfg.num_layers):
+            raise ValueError(f"memory must hold one tensor per layer ({cfg.num_layers}), got {len(memory)}")
+        memory = memory or [None] * cfg.num_layers
+        cfg.check_segment(tokens.shape[1], 0 if memory[0] is None else memory[0].shape[1])
+        h = self.embed(tokens)
+        new_memory = []
+        for layer, mem in zip(self.layers, memory):
+            new_memory.append(update_memory(mem, h, cfg.mem_length))
+            h = layer(h, mem)
+        return self.final_norm(h), new_memory
+
+    # ---- the usual entry point --------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, memory: Memory | None = None,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, Memory]:
+        """(logits (B, N, vocab_size), new_memory); with `labels` (B, N): (per-token loss in nats, new_memory).
+
+        memory: one detached (B, m, D) tensor per layer (m <= mem_length, a multiple of the chunk),
+        or None / [] at the start of a stream.
+        """
+        hidden, new_memory = self.hidden_states(tokens, memory)
+        logits = self.logits_local(hidden)
+        if labels is not None:
+            return vocab_parallel_cross_entropy(logits, labels), new_memory
+        logits = gather_from_tensor_model_parallel_region(logits)
+        return logits[..., : self.config.vocab_size], new_memory
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters held by this rank (all of them with TP=1); tied weights counted once."""
+        params = {id(p): p for p in self.parameters()}
+        n = sum(p.numel() for p in params.values())
+        if exclude_embeddings:
+            n -= self.embedding.weight.numel()
+        return n

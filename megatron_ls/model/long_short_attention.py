@@ -1,0 +1,123 @@
+"""The long-short self-attention layer: projections, DualLN, relative positions, output.
+
+Tensor parallel the Megatron way: this rank holds H / tp heads. Wq, Wk, Wv, the dynamic
+projection Wp (D -> H r, head-major), the sinusoid projections R_w, R_c and the u, v biases are
+split by head; Wo is row-parallel (its all-reduce ends the TP region). DualLN normalises over
+the full width D, so its statistics are reduced across the TP group (TensorParallelLayerNorm).
+With attention_type "window" the landmark half is absent (the paper's short-term ablation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ls.model.attention import landmark_distance_rows, long_short_attention
+from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.model.landmarks import compress_landmarks
+from megatron_ls.model.positions import sinusoid
+from megatron_ls.parallel import mpu
+from megatron_ls.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallelLayerNorm,
+    normal_init,
+    shard_init,
+)
+from megatron_ls.parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron_ls.parallel.random import tensor_parallel_rng
+
+
+def local_heads(config: TransformerLSConfig) -> int:
+    tp = mpu.get_tensor_model_parallel_world_size()
+    if config.num_attention_heads % tp != 0:
+        raise ValueError(f"num_attention_heads ({config.num_attention_heads}) must be divisible by the "
+                         f"tensor-model-parallel size ({tp})")
+    return config.num_attention_heads // tp
+
+
+def output_init(config: TransformerLSConfig):
+    # Megatron's scaled init for the projections that write into the residual stream.
+    return normal_init(config.init_method_std / math.sqrt(2.0 * config.num_layers))
+
+
+def head_parameter(full_shape: tuple[int, ...], init) -> nn.Parameter:
+    """A per-head parameter split by head (dim 0), marked the way the TP layers mark theirs."""
+    param = nn.Parameter(shard_init(full_shape, init, 0))
+    param.tensor_model_parallel = mpu.get_tensor_model_parallel_world_size() > 1
+    param.partition_dim = 0
+    return param
+
+
+class LongShortSelfAttention(nn.Module):
+    def __init__(self, config: TransformerLSConfig) -> None:
+        super().__init__()
+        self.config = config
+        D, H = config.hidden_size, config.num_attention_heads
+        self.heads = local_heads(config)
+        self.head_dim = D // H
+        self.use_landmarks = config.attention_type == "long-short"
+        init = normal_init(config.init_method_std)
+
+        self.query = ColumnParallelLinear(D, D, init_method=init)
+        self.key = ColumnParallelLinear(D, D, init_method=init)
+        self.value = ColumnParallelLinear(D, D, init_method=init)
+        self.r_win_net = ColumnParallelLinear(D, D, bias=False, init_method=init)
+        self.pos_bias_u = head_parameter((H, self.head_dim), init)
+        self.pos_bias_v = head_parameter((H, self.head_dim), init)
+        self.ln_win = TensorParallelLayerNorm(D, eps=config.layernorm_epsilon)
+        if self.use_landmarks:
+            self.dproj = ColumnParallelLinear(D, H * config.chunk_rank, init_method=init)
+            self.r_lm_net = ColumnParallelLinear(D, D, init_method=init)
+            self.ln_lm = TensorParallelLayerNorm(D, eps=config.layernorm_epsilon)
+        self.dense = RowParallelLinear(D, D, init_method=output_init(config))
+        self.dropout = nn.Dropout(config.dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, self.heads, self.head_dim).transpose(1, 2)
+
+    def _positions(self, net: ColumnParallelLinear, n: int, like: torch.Tensor) -> torch.Tensor:
+        table = sinusoid(torch.arange(n, device=like.device), self.config.hidden_size, dtype=like.dtype)
+        return net(table).view(n, self.heads, self.head_dim).transpose(0, 1)  # (H_local, n, dh)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, impl: str | None = None) -> torch.Tensor:
+        """x (B, N, D) normalised layer input; memory (B, M, D) normalised inputs of the previous M tokens."""
+        cfg = self.config
+        B, N, D = x.shape
+        M = 0 if memory is None else memory.shape[1]
+        cfg.check_segment(N, M)
+        w, c, r = cfg.window_size, cfg.chunk_size, cfg.chunk_rank
+        P = min(M, w - 1)
+
+        q = self._heads(self.query(x))
+        # K and V of the window span in one matmul; raw K, V go through DualLN's first norm.
+        span = x if P == 0 else torch.cat([memory[:, M - P:], x], dim=1)
+        kv_weight = torch.cat([self.key.weight, self.value.weight])
+        kv_bias = torch.cat([self.key.bias, self.value.bias])
+        k_win, v_win = F.linear(copy_to_tensor_model_parallel_region(span), kv_weight, kv_bias).chunk(2, dim=-1)
+        k_win, v_win = self._heads(self.ln_win(k_win)), self._heads(self.ln_win(v_win))
+        r_win = self._positions(self.r_win_net, w, x)
+
+        if self.use_landmarks:
+            stream = x if M == 0 else torch.cat([memory, x], dim=1)
+            k_lm, v_lm = compress_landmarks(
+                copy_to_tensor_model_parallel_region(stream), self.dproj.weight, self.dproj.bias, kv_weight,
+                kv_bias, heads=self.heads, chunk=c, rank=r)
+            k_lm, v_lm = self._heads(self.ln_lm(k_lm)), self._heads(self.ln_lm(v_lm))
+            n_dist = landmark_distance_rows((M + N) // c, cfg.max_landmark_distance)
+            r_lm = self._positions(self.r_lm_net, n_dist, x)
+        else:
+            k_lm = v_lm = q.new_zeros(B, self.heads, 0, self.head_dim)
+            r_lm = q.new_zeros(self.heads, 0, self.head_dim)
+
+        p = cfg.attention_dropout if self.training else 0.0
+        with tensor_parallel_rng():  # probabilities are head-sharded: per-rank dropout stream
+            out = long_short_attention(q, k_win, v_win, k_lm, v_lm, self.pos_bias_u, self.pos_bias_v, r_win, r_lm,
+                                       window=w, chunk=c, chunk_rank=r, mem_len=M, dropout_p=p,
+                                       impl=impl or cfg.attention_impl)
+        out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)
+        return self.dropout(self.dense(out))

@@ -1,0 +1,28 @@
+"""The GELU feed-forward block: fc1 column-parallel, fc2 row-parallel (one all-reduce)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.model.long_short_attention import output_init
+from megatron_ls.parallel.layers import ColumnParallelLinear, RowParallelLinear, normal_init
+from megatron_ls.parallel.random import tensor_parallel_rng
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerLSConfig) -> None:
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_hidden_size,
+                                        init_method=normal_init(config.init_method_std))
+        self.fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, init_method=output_init(config))
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.fc1(x))
+        # As in the official model, dropout after the activation too; it is sharded across TP ranks.
+        with tensor_parallel_rng():
+            h = self.dropout(h)
+        return self.dropout(self.fc2(h))
