@@ -62,6 +62,8 @@ class ShardSet:
             if existing:
                 raise DataError(f"output {existing[0]} already exists; pass --overwrite to replace it")
         out_dir = os.path.dirname(os.path.abspath(prefix))
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise DataError(f"cannot create output directory {out_dir}: a file of that name exists")
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as e:

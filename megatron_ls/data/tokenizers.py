@@ -155,7 +155,7 @@ def train_sentencepiece(
             model_prefix=model_prefix,
             vocab_size=vocab_size,
             model_type=model_type,
-            character_coverage=1.0,
+            character_coverage=0.9995,  # rarer characters go through byte fallback
             byte_fallback=True,
             normalization_rule_name="identity",
             add_dummy_prefix=False,
