@@ -1,0 +1,275 @@
+"""Command-line arguments of pretrain_char_lm.py, with Megatron's names.
+
+Flags that a preset or a DeepSpeed JSON may also set are parsed with ``None`` as "not given",
+so precedence can be resolved afterwards: explicit flag > DeepSpeed JSON / preset > default.
+``finalize_args`` applies the defaults and validates everything that can be checked without
+reading data or starting processes; every rank computes the same answer, so a bad input fails
+on every rank at once instead of leaving some ranks waiting for the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn
+
+from .errors import ConfigError
+
+# Model flags: argparse dest -> TransformerLSConfig field (identical names).
+MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "attention_type",
+                "attention_impl", "window_size", "chunk_size", "chunk_rank", "mem_length", "dropout", "vocab_size")
+
+# Defaults applied after preset / DeepSpeed JSON resolution (None-parsed flags only).
+RUN_DEFAULTS: dict[str, object] = {
+    "micro_batch_size": 1,
+    "lr": 2.5e-4,
+    "min_lr": 0.0,
+    "lr_warmup_iters": 0,
+    "lr_decay_style": "constant",
+    "weight_decay": 0.01,
+    "clip_grad": 1.0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_eps": 1e-8,
+    "zero_stage": 0,
+    "bf16": False,
+    "fp16": False,
+}
+
+PROG = "pretrain_char_lm.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (no usage dump) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Pretrain a Transformer-LS character/byte language model with DeepSpeed.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from megatron_ls.model.config import ATTENTION_IMPLS, ATTENTION_TYPES, PRESETS
+
+    g = p.add_argument_group("model (explicit flags override --preset)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="the paper's model (phase-1 segment length)")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--ffn-hidden-size", type=int, help="default 4 x hidden size")
+    g.add_argument("--attention-type", choices=ATTENTION_TYPES)
+    g.add_argument("--attention-impl", choices=ATTENTION_IMPLS)
+    g.add_argument("--window-size", type=int)
+    g.add_argument("--chunk-size", type=int)
+    g.add_argument("--chunk-rank", type=int, help="landmarks per chunk (r)")
+    g.add_argument("--mem-length", type=int, help="tokens of memory per layer; default = --seq-length")
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--vocab-size", type=int, help="default: the shards' vocabulary (must match it)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--seq-length", type=int, help="segment length N (tokens per lane per step)")
+    g.add_argument("--micro-batch-size", type=int, help="lanes per micro-batch per data-parallel rank [1]")
+    g.add_argument("--global-batch-size", type=int,
+                   help="lanes per step over all data-parallel ranks [micro x data-parallel size]")
+    g.add_argument("--train-iters", type=int, help="optimizer steps in total")
+    g.add_argument("--lr", type=float, help=f"peak learning rate [{RUN_DEFAULTS['lr']}]")
+    g.add_argument("--min-lr", type=float, help="floor of the linear / cosine decay [0]")
+    g.add_argument("--lr-warmup-iters", type=int, help="linear warm-up steps [0]")
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), help="after warm-up [constant]")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay [{RUN_DEFAULTS['weight_decay']}]")
+    g.add_argument("--clip-grad", type=float, help=f"gradient-norm clipping, 0 = off [{RUN_DEFAULTS['clip_grad']}]")
+    g.add_argument("--adam-beta1", type=float)
+    g.add_argument("--adam-beta2", type=float)
+    g.add_argument("--adam-eps", type=float)
+    g.add_argument("--bf16", action="store_true", default=None)
+    g.add_argument("--fp16", action="store_true", default=None, help="CUDA only, with dynamic loss scaling")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--max-nonfinite-steps", type=int, default=5,
+                   help="stop after this many consecutive steps with a NaN/inf loss (each update is skipped)")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
+    g.add_argument("--checkpoint-activations", action="store_true")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", help="shard prefix written by tools/preprocess_data.py (PREFIX_train, PREFIX_valid)")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", help="checkpoint directory (also where metrics.jsonl is written)")
+    g.add_argument("--load", help="checkpoint directory to resume from (its `latest` tag)")
+    g.add_argument("--save-interval", type=int, help="save every N iterations (always at the end and on SIGTERM)")
+    g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints [all]")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only from --load: fresh optimizer, schedule, iteration, data and memory")
+
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, default=1000, help="0 = only at the end")
+    g.add_argument("--eval-iters", type=int, default=100,
+                   help="steps per evaluation on the valid split; -1 = the whole split; 0 = no evaluation")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir")
+
+    g = p.add_argument_group("DeepSpeed")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   help="DeepSpeed JSON; flags fill what it leaves out, a contradiction is an error")
+    g.add_argument("--deepspeed", action="store_true", help="accepted for Megatron-DeepSpeed scripts (always on)")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is what is used
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.explicit = {k for k, v in vars(args).items() if v is not None}
+    return args
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def model_config_dict(args: argparse.Namespace) -> dict:
+    """TransformerLSConfig fields from --preset, overridden by explicit model flags (vocab not yet known)."""
+    from megatron_ls.model.config import PRESETS, TransformerLSConfig
+
+    base = dict(PRESETS[args.preset]) if args.preset else {}
+    if not args.preset:
+        defaults = TransformerLSConfig.__dataclass_fields__
+        base = {k: defaults[k].default for k in MODEL_FIELDS if k != "vocab_size"}
+        base["ffn_hidden_size"] = None  # 4 x hidden unless given
+        base["mem_length"] = None
+    for k in MODEL_FIELDS:
+        v = getattr(args, k)
+        if v is not None:
+            base[k] = v
+    if base.get("ffn_hidden_size") is None:
+        base["ffn_hidden_size"] = 4 * base["hidden_size"]
+    base.pop("seq_length", None)
+    return base
+
+
+def finalize_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
+    """Resolve the preset and defaults and check everything checkable before data and processes."""
+    from megatron_ls.model.config import PRESETS
+
+    world_size = world_size_from_env() if world_size is None else world_size
+    args.world_size = world_size
+
+    if not args.data_path:
+        raise ConfigError("--data-path is required: the shard prefix written by tools/preprocess_data.py "
+                          "(training reads PREFIX_train and PREFIX_valid)")
+    if args.seq_length is None:
+        if not args.preset:
+            raise ConfigError("--seq-length is required (or a --preset that sets it)")
+        args.seq_length = PRESETS[args.preset]["seq_length"]
+    if args.train_iters is None:
+        raise ConfigError("--train-iters is required")
+
+    model = model_config_dict(args)
+    # Memory = segment length is the paper's setting; a preset's memory follows --seq-length too.
+    if "mem_length" not in args.explicit:
+        model["mem_length"] = args.seq_length
+    args.model = model
+
+    _positive(args, "seq_length", "train_iters")
+    for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "window_size", "chunk_size",
+              "chunk_rank"):
+        if not isinstance(model[k], int) or model[k] < 1:
+            raise ConfigError(f"{_flag(k)} must be a positive integer, got {model[k]}")
+    chunk = model["chunk_size"]
+    if args.seq_length % chunk != 0:
+        raise ConfigError(f"--seq-length ({args.seq_length}) must be a multiple of --chunk-size ({chunk}): "
+                          "the long-range attention compresses whole chunks of the segment")
+    if model["mem_length"] < 0 or model["mem_length"] % chunk != 0:
+        raise ConfigError(f"--mem-length ({model['mem_length']}) must be a non-negative multiple of "
+                          f"--chunk-size ({chunk})")
+    if model["window_size"] < chunk:
+        raise ConfigError(f"--window-size ({model['window_size']}) must be >= --chunk-size ({chunk})")
+    if model["hidden_size"] % model["num_attention_heads"] != 0:
+        raise ConfigError(f"--num-attention-heads ({model['num_attention_heads']}) must divide "
+                          f"--hidden-size ({model['hidden_size']})")
+    if not 0.0 <= model["dropout"] < 1.0:
+        raise ConfigError(f"--dropout must be in [0, 1), got {model['dropout']}")
+
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+                          f"--pipeline-model-parallel-size ({pp})")
+    if model["num_attention_heads"] % tp != 0:
+        raise ConfigError(f"--tensor-model-parallel-size ({tp}) must divide --num-attention-heads "
+                          f"({model['num_attention_heads']})")
+    if pp > model["num_layers"]:
+        raise ConfigError(f"--pipeline-model-parallel-size ({pp}) exceeds --num-layers ({model['num_layers']})")
+    args.data_parallel_size = world_size // (tp * pp)
+
+    if args.finetune and not args.load:
+        raise ConfigError("--finetune needs --load (the checkpoint whose weights start this run)")
+    if args.save_interval is not None and args.save_interval < 1:
+        raise ConfigError(f"--save-interval must be >= 1, got {args.save_interval}")
+    if args.save_interval is not None and not args.save:
+        raise ConfigError("--save-interval needs --save (where to write checkpoints)")
+    if args.keep_last is not None and args.keep_last < 1:
+        raise ConfigError(f"--keep-last must be >= 1, got {args.keep_last}")
+    if args.log_interval < 1:
+        raise ConfigError(f"--log-interval must be >= 1, got {args.log_interval}")
+    if args.eval_interval < 0 or args.eval_iters < -1:
+        raise ConfigError("--eval-interval must be >= 0 and --eval-iters >= -1")
+    if args.max_nonfinite_steps < 1:
+        raise ConfigError(f"--max-nonfinite-steps must be >= 1, got {args.max_nonfinite_steps}")
+    return args
+
+
+def finalize_run_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults and checks of the optimisation flags, after the DeepSpeed JSON has filled what it sets."""
+    for k, v in RUN_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    dp = args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    _positive(args, "micro_batch_size", "global_batch_size")
+    if args.global_batch_size % (args.micro_batch_size * dp) != 0:
+        raise ConfigError(f"--global-batch-size ({args.global_batch_size}) must be a multiple of "
+                          f"--micro-batch-size ({args.micro_batch_size}) x data-parallel size ({dp})")
+    args.gradient_accumulation_steps = args.global_batch_size // (args.micro_batch_size * dp)
+    if args.lr <= 0:
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.min_lr <= args.lr:
+        raise ConfigError(f"--min-lr ({args.min_lr}) must be in [0, --lr ({args.lr})]")
+    if args.lr_warmup_iters < 0:
+        raise ConfigError(f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
+    if args.clip_grad < 0:
+        raise ConfigError(f"--clip-grad must be >= 0, got {args.clip_grad}")
+    if args.bf16 and args.fp16:
+        raise ConfigError("--bf16 and --fp16 are mutually exclusive")
+    if args.fp16 and not _cuda():
+        raise ConfigError("--fp16 needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); use --bf16 or fp32")
+    if args.pipeline_model_parallel_size > 1 and args.zero_stage > 1:
+        raise ConfigError(f"--zero-stage {args.zero_stage} cannot be used with pipeline parallelism "
+                          "(DeepSpeed's pipeline engine supports ZeRO stage 0 or 1)")
+    return args
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for k in names:
+        v = getattr(args, k)
+        if v is None or v < 1:
+            raise ConfigError(f"{_flag(k)} must be a positive integer, got {v}")
+
+
+def _cuda() -> bool:
+    if os.environ.get("DS_ACCELERATOR", "") == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,317 @@
+"""Checkpoints: DeepSpeed's save/load plus the run's own state, written atomically.
+
+Layout of SAVE/:
+    latest                       the tag of the newest complete checkpoint (written last)
+    iter_0001000/                DeepSpeed's files (mp_rank_*, zero_*...) and ours:
+        run_state_rank00000.pt   per rank: iteration, lane position, memory cache, RNG states
+        run_state.json           iteration, arguments, model config, parallel layout
+        manifest.json            every file of the tag with its size and CRC-32 (written last)
+    iter_0001000.partial/        a save in progress (or one a crash interrupted: never loaded)
+
+A save writes everything into TAG.partial, then rank 0 writes the manifest, renames the folder
+to TAG and only then replaces `latest`. A crash at any point leaves `latest` naming the previous
+complete checkpoint. Loading checks the manifest (sizes and CRCs, shared out over the ranks)
+before DeepSpeed reads a byte, so a damaged checkpoint is one clear error on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from .collectives import agree, barrier, is_distributed
+from .errors import CheckpointError, TrainingError
+
+LATEST = "latest"
+MANIFEST = "manifest.json"
+RUN_INFO = "run_state.json"
+PARTIAL = ".partial"
+_TAG_RE = re.compile(r"^iter_(\d{7,})$")
+# Test hook only: SIGKILL this process in the middle of the save of that iteration.
+CRASH_ENV = "MEGATRON_LS_TEST_CRASH_IN_SAVE"
+
+
+def tag_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def run_state_file(rank: int) -> str:
+    return f"run_state_rank{rank:05d}.pt"
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+# ---- RNG ------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    from megatron_ls.parallel.random import get_rng_tracker
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": get_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron_ls.parallel.random import get_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_rng_tracker().set_states(state["tracker"])
+
+
+# ---- files ----------------------------------------------------------------------------------
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(dirpath)
+
+
+def _list_files(root: str) -> list[str]:
+    out = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(out)
+
+
+def complete_tags(save_dir: str) -> list[tuple[int, str]]:
+    """(iteration, tag) of the complete checkpoint folders, oldest first."""
+    if not os.path.isdir(save_dir):
+        return []
+    found = []
+    for name in os.listdir(save_dir):
+        m = _TAG_RE.match(name)
+        if m and os.path.isfile(os.path.join(save_dir, name, MANIFEST)):
+            found.append((int(m.group(1)), name))
+    return sorted(found)
+
+
+def _maybe_crash(iteration: int) -> None:
+    if os.environ.get(CRASH_ENV) == str(iteration):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- save -----------------------------------------------------------------------------------
+def save_checkpoint(engine: Any, save_dir: str, iteration: int, local_state: dict[str, Any],
+                    run_info: dict[str, Any], keep_last: int | None = None) -> str:
+    """Collective: every rank calls it. Returns the path of the new checkpoint."""
+    tag = tag_name(iteration)
+    final, partial = os.path.join(save_dir, tag), os.path.join(save_dir, tag + PARTIAL)
+    rank = _rank()
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        for name in os.listdir(save_dir):  # left by a save that a crash interrupted
+            if name.endswith(PARTIAL) and _TAG_RE.match(name[: -len(PARTIAL)]):
+                shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(save_dir, tag + PARTIAL, client_state={"iteration": iteration})
+    os.makedirs(partial, exist_ok=True)
+    torch.save(dict(local_state, rank=rank, world_size=_world(), iteration=iteration),
+               os.path.join(partial, run_state_file(rank)))
+    _maybe_crash(iteration)
+    barrier()
+    if rank == 0:
+        _write_json(os.path.join(partial, RUN_INFO), dict(run_info, iteration=iteration, world_size=_world()))
+        _fsync_tree(partial)
+        manifest = {"iteration": iteration, "tag": tag, "world_size": _world(),
+                    "files": {p: {"bytes": os.path.getsize(os.path.join(partial, p)),
+                                  "crc32": _crc32(os.path.join(partial, p))} for p in _list_files(partial)}}
+        _write_json(os.path.join(partial, MANIFEST), manifest)
+        if os.path.exists(final):  # the same iteration saved again (e.g. after a resume): replace it
+            old = final + f".old{os.getpid()}"
+            os.replace(final, old)
+            os.replace(partial, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+        _fsync_dir(save_dir)
+        latest_tmp = os.path.join(save_dir, f"{LATEST}.tmp{os.getpid()}")
+        with open(latest_tmp, "w") as f:
+            f.write(tag + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(latest_tmp, os.path.join(save_dir, LATEST))
+        _fsync_dir(save_dir)
+        if keep_last is not None:
+            for _, old_tag in complete_tags(save_dir)[:-keep_last]:
+                if old_tag != tag:
+                    shutil.rmtree(os.path.join(save_dir, old_tag), ignore_errors=True)
+    barrier()
+    return final
+
+
+# ---- load -----------------------------------------------------------------------------------
+def has_checkpoint(load_dir: str) -> bool:
+    return os.path.isfile(os.path.join(load_dir, LATEST))
+
+
+def _read_tag(load_dir: str) -> str:
+    if not os.path.isdir(load_dir):
+        raise CheckpointError(f"--load {load_dir}: checkpoint directory not found")
+    latest = os.path.join(load_dir, LATEST)
+    if not os.path.isfile(latest):
+        raise CheckpointError(f"--load {load_dir}: no checkpoint there (no '{LATEST}' file naming one)")
+    with open(latest) as f:
+        tag = f.read().strip()
+    if not tag or "/" in tag:
+        raise CheckpointError(f"{latest}: does not name a checkpoint (content {tag!r})")
+    if not os.path.isdir(os.path.join(load_dir, tag)):
+        raise CheckpointError(f"{latest} names {tag!r} but {os.path.join(load_dir, tag)} does not exist")
+    return tag
+
+
+def _read_manifest(path: str) -> dict[str, Any]:
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST}")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} is not a valid manifest") from None
+    return manifest
+
+
+def _verify_files(path: str, files: dict[str, dict], rank: int, world: int) -> None:
+    """This rank's share of the files: exists, has the recorded size and CRC-32."""
+    for i, name in enumerate(sorted(files)):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        size = os.path.getsize(full)
+        if size != files[name]["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {size:,} bytes, "
+                                  f"the manifest says {files[name]['bytes']:,}")
+        if i % world == rank and _crc32(full) != files[name]["crc32"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} fails its CRC-32 check")
+
+
+def locate_checkpoint(load_dir: str) -> tuple[str, dict[str, Any]]:
+    """Collective. Resolve `latest`, verify the checkpoint, return (path, run_state.json)."""
+    rank, world = _rank(), _world()
+
+    def check() -> tuple[str, dict[str, Any]]:
+        tag = _read_tag(load_dir)
+        path = os.path.join(load_dir, tag)
+        manifest = _read_manifest(path)
+        _verify_files(path, manifest["files"], rank, world)
+        try:
+            with open(os.path.join(path, RUN_INFO)) as f:
+                info = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {RUN_INFO}") from None
+        return path, info
+
+    try:
+        return agree(check, "checking the checkpoint")
+    except TrainingError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_local_state(path: str) -> dict[str, Any]:
+    """This rank's run_state file of a verified checkpoint."""
+    f = os.path.join(path, run_state_file(_rank()))
+    try:
+        # Our own file (RNG states hold numpy arrays and tuples): not a weights-only pickle.
+        return torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {os.path.basename(f)} ({e})") from None
+
+
+def load_engine_state(engine: Any, path: str, finetune: bool) -> None:
+    """DeepSpeed's part: everything on resume, the module's weights only with --finetune."""
+    load_dir, tag = os.path.dirname(path), os.path.basename(path)
+    try:
+        result = engine.load_checkpoint(load_dir, tag, load_optimizer_states=not finetune,
+                                        load_module_only=finetune)
+    except TrainingError:
+        raise
+    except Exception as e:  # noqa: BLE001 - DeepSpeed raises many kinds; the message is what matters
+        raise CheckpointError(f"DeepSpeed could not load {path}: {type(e).__name__}: {e}") from None
+    if isinstance(result, tuple) and result and result[0] is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint in {path}")
+
+
+# Architecture fields that must match for any load; run fields that must match for a resume.
+ARCH_FIELDS = ("vocab_size", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+               "attention_type", "window_size", "chunk_size", "chunk_rank")
+
+
+def check_compatible(info: dict[str, Any], model: dict[str, Any], run: dict[str, Any], finetune: bool,
+                     path: str) -> None:
+    """Raise if the checkpoint cannot continue as this run (identical on every rank)."""
+    saved_model = info.get("model", {})
+    for k in ARCH_FIELDS:
+        if k in saved_model and saved_model[k] != model.get(k):
+            raise CheckpointError(f"checkpoint {path} has {k} = {saved_model[k]}, this run has {model.get(k)}")
+    layout = info.get("layout", {})
+    for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        if k in layout and layout[k] != run[k]:
+            raise CheckpointError(f"checkpoint {path} was saved with --{k.replace('_', '-')} {layout[k]}, "
+                                  f"this run has {run[k]} (convert it with tools/convert_checkpoint.py)")
+    if finetune:
+        return
+    if info.get("world_size") != run["world_size"]:
+        raise CheckpointError(f"checkpoint {path} was saved by {info.get('world_size')} processes, this run has "
+                              f"{run['world_size']}: resume with the same layout, or start a phase with --finetune")
+    saved_run = info.get("run", {})
+    for k in ("seq_length", "global_batch_size", "mem_length"):
+        mine = model.get(k) if k == "mem_length" else run.get(k)
+        theirs = saved_model.get(k) if k == "mem_length" else saved_run.get(k)
+        if theirs is not None and theirs != mine:
+            raise CheckpointError(f"checkpoint {path} was trained with --{k.replace('_', '-')} {theirs}, this run "
+                                  f"has {mine}: an exact resume needs the same; use --finetune to start a new phase")

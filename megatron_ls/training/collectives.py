@@ -1,0 +1,61 @@
+"""Small cross-rank agreements the loop needs (no-ops in a single process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import TrainingError
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on at least one."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def agree(fn: Callable[[], T], what: str) -> T:
+    """Run ``fn`` on every rank; if it raises a TrainingError on any, raise one on all.
+
+    For local work between collectives (reading this rank's files): a rank that fails alone
+    would otherwise leave the others blocked in the next collective.
+    """
+    result: T | None = None
+    message = ""
+    try:
+        result = fn()
+    except TrainingError as e:
+        message = str(e)
+    if not is_distributed():
+        if message:
+            raise TrainingError(message)
+        return result  # type: ignore[return-value]
+    messages: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    failed = [(r, m) for r, m in enumerate(messages) if m]
+    if failed:
+        rank, first = failed[0]
+        mine = message or f"{what} failed on rank {rank}: {first}"
+        raise TrainingError(mine)
+    return result  # type: ignore[return-value]

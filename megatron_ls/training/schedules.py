@@ -1,0 +1,64 @@
+"""Learning-rate schedules as DeepSpeed scheduler JSON (DeepSpeed builds, steps and checkpoints them).
+
+--lr-decay-style -> DeepSpeed scheduler, each with a linear warm-up over --lr-warmup-iters:
+  constant -> WarmupLR       0 -> lr, then lr (the paper's schedule)
+  linear   -> WarmupDecayLR  min_lr -> lr, then linearly down to min_lr at --train-iters
+  cosine   -> WarmupCosineLR 0 -> lr, then a half cosine down to min_lr at --train-iters
+DeepSpeed warms up over at least 2 steps; with --lr-warmup-iters 0 the constant and cosine
+schedules start at lr directly (the warm-up start is set to lr).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ConfigError
+
+SCHEDULER_TYPES = {"constant": "WarmupLR", "linear": "WarmupDecayLR", "cosine": "WarmupCosineLR"}
+_STYLE_OF = {v: k for k, v in SCHEDULER_TYPES.items()}
+
+
+def scheduler_config(style: str, lr: float, min_lr: float, warmup: int, total: int) -> dict[str, Any]:
+    """DeepSpeed's "scheduler" entry for a decay style."""
+    steps = max(1, warmup)  # DeepSpeed requires a positive count
+    if style == "constant":
+        params = {"warmup_min_lr": 0.0 if warmup > 0 else lr, "warmup_max_lr": lr, "warmup_num_steps": steps,
+                  "warmup_type": "linear"}
+    elif style == "linear":
+        params = {"warmup_min_lr": min_lr, "warmup_max_lr": lr, "warmup_num_steps": steps,
+                  "total_num_steps": total, "warmup_type": "linear"}
+    elif style == "cosine":
+        params = {"warmup_min_ratio": 0.0 if warmup > 0 else 1.0, "cos_min_ratio": min_lr / lr,
+                  "warmup_num_steps": steps, "total_num_steps": total, "warmup_type": "linear"}
+    else:
+        raise ConfigError(f"--lr-decay-style must be constant, linear or cosine, got {style!r}")
+    return {"type": SCHEDULER_TYPES[style], "params": params}
+
+
+def scheduler_flags(sched: Any, source: str) -> dict[str, tuple[Any, str]]:
+    """What a user's "scheduler" entry says about the flags: {dest: (value, where)}.
+
+    A scheduler type we do not map (OneCycle, LRRangeTest, ...) is used as given, but then the
+    schedule flags cannot also be given: the style reported is its type, which no flag equals.
+    """
+    if not isinstance(sched, dict) or "type" not in sched:
+        raise ConfigError(f"{source}: \"scheduler\" must be an object with a \"type\"")
+    kind, params = sched["type"], sched.get("params", {}) or {}
+    out: dict[str, tuple[Any, str]] = {"lr_decay_style": (_STYLE_OF.get(kind, kind), "scheduler.type")}
+    if "warmup_num_steps" in params:
+        out["lr_warmup_iters"] = (params["warmup_num_steps"], "scheduler.params.warmup_num_steps")
+    if kind in ("WarmupLR", "WarmupDecayLR") and "warmup_max_lr" in params:
+        out["lr"] = (params["warmup_max_lr"], "scheduler.params.warmup_max_lr")
+    if kind == "WarmupDecayLR" and "warmup_min_lr" in params:
+        out["min_lr"] = (params["warmup_min_lr"], "scheduler.params.warmup_min_lr")
+    return out
+
+
+def check_cosine_ratio(sched: dict, min_lr: float, lr: float, min_lr_given: bool, source: str) -> None:
+    """WarmupCosineLR states the floor as a ratio of lr: compare it once lr is resolved."""
+    if sched.get("type") != "WarmupCosineLR" or not min_lr_given:
+        return
+    ratio = (sched.get("params") or {}).get("cos_min_ratio")
+    if ratio is not None and abs(ratio * lr - min_lr) > 1e-12 * max(1.0, lr):
+        raise ConfigError(f"--min-lr {min_lr} contradicts scheduler.params.cos_min_ratio = {ratio} "
+                          f"(x lr {lr} = {ratio * lr}) in {source}; remove one of them or make them agree")
