@@ -1,0 +1,110 @@
+"""Forward Triton kernel of long-short attention (FlashAttention-2 style).
+
+One program per (query block, batch*head). It walks the landmark blocks the block can see (the
+chunk-causal bound of its last query), then the window key blocks (t - w < s <= t), keeping ONE
+online softmax over both, and stores the output and the base-2 log-sum-exp for the backward.
+All tensors are contiguous (B, H, rows, dh); R tables are (H, rows, dh).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_ls.kernels.ls_tiles import landmark_tile, window_tile
+from megatron_ls.kernels.triton_setup import BAND_SIZES, configs
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _softmax_step(scores, vis, m_i, l_i, acc, v, PREC: tl.constexpr):
+    s = tl.where(vis, scores * 1.4426950408889634, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # m_i starts finite, so rows with nothing visible stay NaN-free
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.autotune(configs=configs(), key=["DH", "W", "C", "R", "HAS_LM"])
+@triton.heuristics(BAND_SIZES)
+@triton.jit
+def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, O, LSE, scale,
+                H, N, P, M, L, ND, W, C, R,
+                DH: tl.constexpr, HAS_LM: tl.constexpr, PREC: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    i0 = pid_m * BM
+    offs_i = i0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, DH)
+    offs_n = tl.arange(0, BN)
+    row_ok = offs_i < N
+
+    q = tl.load(Q + bh * N * DH + offs_i[:, None] * DH + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    qs32 = q.to(tl.float32) * scale
+    qs = qs32.to(q.dtype)
+    qu = (qs32 + tl.load(U + h * DH + offs_d).to(tl.float32)[None, :]).to(q.dtype)
+    qv = (qs32 + tl.load(V + h * DH + offs_d).to(tl.float32)[None, :]).to(q.dtype)
+
+    m_i = tl.full((BM,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BM,), dtype=tl.float32)
+    acc = tl.zeros((BM, DH), dtype=tl.float32)
+
+    if HAS_LM:
+        i_last = tl.minimum(i0 + BM, N) - 1
+        n_vis = (M + i_last) // C * R  # landmarks of the chunks before the last query's chunk
+        kl_base = KL + bh * L * DH
+        vl_base = VL + bh * L * DH
+        for l0 in range(0, n_vis, BN):
+            offs_l = l0 + offs_n
+            kv_mask = (offs_l < L)[:, None]
+            kl = tl.load(kl_base + offs_l[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
+            vl = tl.load(vl_base + offs_l[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
+            scores, vis, _rb, _band = landmark_tile(qs, kl, RL + h * ND * DH, offs_i, offs_l, i0, l0, M, N, L, ND,
+                                                    C, R, BN, NDL, DH, PREC)
+            m_i, l_i, acc = _softmax_step(scores, vis, m_i, l_i, acc, vl, PREC)
+
+    S = P + N
+    kw_base = KW + bh * S * DH
+    vw_base = VW + bh * S * DH
+    s_lo = tl.maximum(P + i0 - W + 1, 0) // BN * BN
+    s_hi = tl.minimum(P + i0 + BM, S)
+    for s0 in range(s_lo, s_hi, BN):
+        offs_s = s0 + offs_n
+        kv_mask = (offs_s < S)[:, None]
+        kw = tl.load(kw_base + offs_s[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
+        vw = tl.load(vw_base + offs_s[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
+        scores, vis, _rb, _band = window_tile(qu, qv, kw, RW + h * W * DH, offs_i, offs_s, i0, s0, P, N, W,
+                                              BN, NDW, DH, PREC)
+        m_i, l_i, acc = _softmax_step(scores, vis, m_i, l_i, acc, vw, PREC)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)  # only padding rows (i >= N) see nothing
+    out = acc / l_safe[:, None]
+    tl.store(O + bh * N * DH + offs_i[:, None] * DH + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + bh * N + offs_i, m_i + tl.log2(l_safe), mask=row_ok)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact products (the fp32 tests compare tightly); half types use the tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def long_short_forward(q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, *, window: int, chunk: int,
+                       chunk_rank: int, mem_len: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward; inputs contiguous and of one dtype. Returns (out, lse in log2 units)."""
+    B, H, N, dh = q.shape
+    P = k_win.shape[2] - N
+    L = k_lm.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(N, meta["BM"]), B * H)  # noqa: E731
+    _fwd_kernel[grid](q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, lse, scale,
+                      H, N, P, mem_len, L, r_lm.shape[1], window, chunk, chunk_rank,
+                      DH=dh, HAS_LM=L > 0, PREC=dot_precision(q.dtype))
+    return out, lse

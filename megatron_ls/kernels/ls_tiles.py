@@ -1,0 +1,68 @@
+"""Score tiles of long-short attention, shared by the forward and backward Triton kernels.
+
+A tile is BM queries (rows i) against BN keys. Its relative-position term needs one row of R per
+distance; the distances of a tile form one contiguous band, so the kernel multiplies the query
+tile by that band of R (one small tl.dot) and moves each score to its key with tl.gather. The
+band's gradient is the inverse gather of dS (window distances are unique per (i, s); landmark
+distances repeat across the r landmarks of a chunk, hence the sum over k < r).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def window_tile(qu, qv, kw, rw_ptr, offs_i, offs_s, i0, s0, P, N, W,
+                BN: tl.constexpr, NDW: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
+    """Scores (q+u).k_s + (q+v).R_w(P+i-s) of one window tile, its visibility and its R band."""
+    offs_d = tl.arange(0, DH)
+    dist = P + offs_i[:, None] - offs_s[None, :]
+    dlo = P + i0 - (s0 + BN - 1)
+    band = dlo + tl.arange(0, NDW)
+    rows = tl.minimum(tl.maximum(band, 0), W - 1)  # rows outside [0, W) only meet invisible pairs
+    rb = tl.load(rw_ptr + rows[:, None] * DH + offs_d[None, :])
+    pos = tl.gather(tl.dot(qv, tl.trans(rb), input_precision=PREC), dist - dlo, 1)
+    scores = tl.dot(qu, tl.trans(kw), input_precision=PREC) + pos
+    vis = (dist >= 0) & (dist < W) & (offs_i < N)[:, None]
+    return scores, vis, rb, band
+
+
+@triton.jit
+def landmark_tile(qs, kl, rl_ptr, offs_i, offs_l, i0, l0, M, N, L, ND, C, R,
+                  BN: tl.constexpr, NDL: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
+    """Scores q.k_l + q.R_c(min(d, ND-1)), d = chunk(i) - 1 - chunk(l), and chunk-causal visibility."""
+    offs_d = tl.arange(0, DH)
+    qc = (M + offs_i) // C
+    dist = qc[:, None] - 1 - (offs_l // R)[None, :]
+    dlo = (M + i0) // C - 1 - (l0 + BN - 1) // R
+    band = dlo + tl.arange(0, NDL)
+    rows = tl.minimum(tl.maximum(band, 0), ND - 1)  # the clamp of far distances, as in the reference
+    rb = tl.load(rl_ptr + rows[:, None] * DH + offs_d[None, :])
+    pos = tl.gather(tl.dot(qs, tl.trans(rb), input_precision=PREC), dist - dlo, 1)
+    scores = tl.dot(qs, tl.trans(kl), input_precision=PREC) + pos
+    vis = (dist >= 0) & (offs_l < L)[None, :] & (offs_i < N)[:, None]
+    return scores, vis, rb, band
+
+
+@triton.jit
+def window_band_grad(ds, offs_i, band, s0, P, BN: tl.constexpr):
+    """dS of a window tile moved to band order: out[i, j] = dS[i, s] with P + i - s = band[j]."""
+    col = P + offs_i[:, None] - band[None, :] - s0
+    ok = (col >= 0) & (col < BN)
+    g = tl.gather(ds, tl.minimum(tl.maximum(col, 0), BN - 1), 1)
+    return tl.where(ok, g, 0.0)
+
+
+@triton.jit
+def landmark_band_grad(ds, offs_i, band, l0, M, C, R, BM: tl.constexpr, BN: tl.constexpr, NDL: tl.constexpr):
+    """dS of a landmark tile summed into band order over the r landmarks of each chunk."""
+    lc = ((M + offs_i) // C)[:, None] - 1 - band[None, :]
+    out = tl.zeros((BM, NDL), dtype=tl.float32)
+    for k in range(R):
+        col = lc * R + k - l0
+        ok = (col >= 0) & (col < BN) & (lc >= 0)
+        g = tl.gather(ds, tl.minimum(tl.maximum(col, 0), BN - 1), 1)
+        out += tl.where(ok, g, 0.0)
+    return out
