@@ -295,3 +295,29 @@ def test_not_utf8_for_sentencepiece(tmp_path, capsys, monkeypatch):
     rc, _, err = run_main(["--dataset", "text", "--input", str(src), "--output-prefix", str(tmp_path / "o"),
                            "--tokenizer", "sentencepiece", "--sentencepiece-model", str(model) + ".model"], capsys)
     assert_clean_failure(rc, err, "not UTF-8", tmp_path, before)
+
+
+def test_sentencepiece_trains_on_a_file_without_newlines(tmp_path, capsys):
+    """text8-like input (one long line): trained from bounded pieces, still lossless."""
+    rng = np.random.default_rng(5)
+    words = ["".join(chr(c) for c in rng.integers(97, 123, rng.integers(1, 8))) for _ in range(300)]
+    text = " ".join(words[i] for i in rng.integers(0, 300, 40_000))
+    src = tmp_path / "one_line.txt"
+    src.write_text(text)
+    prefix = str(tmp_path / "o" / "ol")
+    rc, _, err = run_main(["--dataset", "text", "--input", str(src), "--output-prefix", prefix,
+                           "--tokenizer", "sentencepiece", "--vocab-size", "350"], capsys)
+    assert rc == 0, err
+    tok = build_tokenizer(json.load(open(prefix + ".json"))["tokenizer"], base_dir=str(tmp_path / "o"))
+    ids = np.concatenate([np.asarray(MMapIndexedDataset(f"{prefix}_{s}").tokens) for s in ("train", "valid", "test")])
+    assert tok.decode(ids) == text
+    assert len(ids) < 0.8 * len(text)  # it learned multi-character pieces
+
+
+def test_not_utf8_while_training_sentencepiece(tmp_path, capsys):
+    src = tmp_path / "bin.dat"
+    src.write_bytes(b"ok text\n\xff\xfe broken")
+    before = os.listdir(tmp_path)
+    rc, _, err = run_main(["--dataset", "text", "--input", str(src), "--output-prefix", str(tmp_path / "o"),
+                           "--tokenizer", "sentencepiece", "--vocab-size", "300"], capsys)
+    assert_clean_failure(rc, err, "not UTF-8", tmp_path, before)

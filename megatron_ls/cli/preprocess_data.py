@@ -6,7 +6,8 @@
         --tokenizer sentencepiece --vocab-size 8000 --split 98,1,1
     python tools/preprocess_data.py --dataset default        # embedded corpus, no --input
 
-Bad input ends with one line on stderr and exit status 1; nothing partial is left behind.
+Bad input ends with one line on stderr and exit status 1 (2 for bad arguments); nothing partial is
+left behind.
 """
 
 from __future__ import annotations

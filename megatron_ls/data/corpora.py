@@ -93,6 +93,8 @@ class InputFile:
                 raise DataError(f"{path}: corrupt zip file ({e})") from None
             self.member = member
         elif path.endswith(".zip"):
+            if member is None:
+                raise DataError(f"{path}: zip archives are read only for enwik8/text8; extract it first")
             raise DataError(f"{path}: not a valid zip file")
         else:
             self.size = os.path.getsize(path)

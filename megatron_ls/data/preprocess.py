@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,7 @@ from .corpora import BLOCK_SIZE, CorpusSpec, InputFile, open_corpus, split_bound
 from .default_corpus import default_corpus_source, write_default_corpus
 from .errors import DataError
 from .shards import ShardSet
+from .text_pieces import iter_text_pieces
 from .tokenizers import (
     ByteTokenizer,
     SentencePieceTokenizer,
@@ -81,35 +82,6 @@ def preprocess_corpus(
         meta = shards.commit(_meta(spec.name, tok.describe(), [os.path.basename(input_path)], src.size,
                                    spec.split))
     return PreprocessResult(prefix, meta, src.size, time.perf_counter() - t0)
-
-
-def _text_pieces(path: str, chunk_chars: int = 1 << 20, max_piece: int = 1 << 14) -> Iterator[tuple[list[str], int]]:
-    """UTF-8 text as lists of pieces (lines, long lines cut at spaces) + their size in bytes.
-
-    Concatenating the pieces gives the file back exactly, so decode(encode) is lossless.
-    """
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            carry = ""
-            while True:
-                chunk = f.read(chunk_chars)
-                text = carry + chunk
-                if chunk:
-                    cut = (text.rfind("\n") + 1) or (text.rfind(" ") + 1) or len(text)
-                    text, carry = text[:cut], text[cut:]
-                pieces = []
-                for line in text.splitlines(keepends=True):
-                    while len(line) > max_piece:
-                        cut = line.rfind(" ", 0, max_piece) + 1 or max_piece
-                        pieces.append(line[:cut])
-                        line = line[cut:]
-                    pieces.append(line)
-                if pieces:
-                    yield pieces, len(text.encode("utf-8"))
-                if not chunk:
-                    return
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e.reason}); use --tokenizer byte for binary data") from None
 
 
 def preprocess_text(
@@ -189,7 +161,7 @@ def _encode_into(shards: ShardSet, tok: SentencePieceTokenizer, desc: dict, inpu
     count = 0
     with open(scratch, "wb") as out, _bar(total_bytes, dataset, progress) as bar:
         for src in inputs:
-            for pieces, nbytes in _text_pieces(src.path):
+            for pieces, nbytes in iter_text_pieces(src.path):
                 ids = tok.encode_many(pieces, num_threads=workers).astype(shards.dtype)
                 out.write(ids.tobytes())
                 count += len(ids)

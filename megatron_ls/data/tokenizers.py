@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -149,9 +149,21 @@ def train_sentencepiece(
 
     if vocab_size < 256 + 4:
         raise DataError(f"--vocab-size {vocab_size} too small: byte fallback needs at least 260")
+    from .text_pieces import MAX_PIECE_CHARS, iter_text_pieces
+
+    def sentences() -> Iterator[str]:
+        # Our own pieces, not sentencepiece's line reader: it drops lines over max_sentence_length,
+        # which would leave nothing of a file without newlines.
+        for path in files:
+            for pieces, _ in iter_text_pieces(path):
+                for piece in pieces:
+                    if piece := piece.rstrip("\r\n"):
+                        yield piece
+
     try:
         spm.SentencePieceTrainer.Train(
-            input=list(files),
+            sentence_iterator=sentences(),
+            max_sentence_length=4 * MAX_PIECE_CHARS,
             model_prefix=model_prefix,
             vocab_size=vocab_size,
             model_type=model_type,
