@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_ls.model.attention.common import softmax_dtype
+
 
 def compress_landmarks(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
                        kv_weight: torch.Tensor, kv_bias: torch.Tensor | None, *, heads: int, chunk: int,
@@ -26,7 +28,8 @@ def compress_landmarks(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: to
     n_chunks = L // chunk
     dh = kv_weight.shape[0] // (2 * heads)
     logits = F.linear(x, proj_weight, proj_bias).view(B, n_chunks, chunk, heads * rank)
-    probs = F.softmax(logits.float(), dim=2).to(x.dtype).transpose(2, 3)  # (B, n, heads*rank, c)
+    probs = F.softmax(logits.to(softmax_dtype(logits.dtype)), dim=2).to(x.dtype)
+    probs = probs.transpose(2, 3)  # (B, n, heads*rank, c)
     compressed = torch.matmul(probs, x.view(B, n_chunks, chunk, D))  # (B, n, heads*rank, D)
     # Per head: its r compressed rows times its own rows of Wk and Wv.
     compressed = compressed.view(B * n_chunks, heads, rank, D).permute(1, 0, 2, 3).reshape(heads, -1, D)

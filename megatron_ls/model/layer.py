@@ -14,6 +14,7 @@ from megatron_ls.model.mlp import MLP
 class TransformerLSLayer(nn.Module):
     def __init__(self, config: TransformerLSConfig) -> None:
         super().__init__()
+        self.config = config
         self.ln_attn = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         attention = FullSelfAttention if config.attention_type == "full" else LongShortSelfAttention
         self.attention = attention(config)
