@@ -115,3 +115,15 @@ def test_load_split_memmaps_shards(tmp_path):
     ds = LaneDataset(tokens, 2, 16)
     x, y = ds.next_batch()
     assert x[0, :4].tolist() == list(tokens[:4])
+
+
+def test_keep_last_partial_step_predicts_every_token():
+    tokens = _tokens(1000)
+    ds = LaneDataset(tokens, 1, 64, drop_last=False)
+    assert ds.steps_per_epoch == 16  # 999 targets: 15 full steps + 39
+    xs, ys = zip(*(ds.next_batch() for _ in range(ds.steps_per_epoch)))
+    assert xs[-1].shape == (1, 999 - 15 * 64)
+    np.testing.assert_array_equal(torch.cat(ys, 1)[0].numpy(), tokens[1:])
+    np.testing.assert_array_equal(torch.cat(xs, 1)[0].numpy(), tokens[:-1])
+    x, _ = ds.next_batch()
+    assert ds.is_new_stream and ds.epoch == 1 and x.shape == (1, 64)

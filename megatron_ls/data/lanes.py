@@ -8,6 +8,10 @@ step, and consecutive steps continue exactly where the previous one stopped (the
 lane carries over). Data-parallel rank r owns lanes [r*G/dp, (r+1)*G/dp); micro-batch i of a
 rank always owns the same lanes of that rank. After S steps the lanes restart from their
 beginning (a new epoch): ``is_new_stream`` tells the training loop to reset the memory.
+
+With ``drop_last=False`` (for evaluation: every token of a lane predicted) the last step of an
+epoch is shorter than N and covers the rest of each lane; with one lane (G = 1) every token of
+the split but the first is then a target exactly once.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ if TYPE_CHECKING:
 
 class LaneDataset:
     def __init__(
-        self, tokens, global_batch_size: int, seq_length: int, dp_rank: int = 0, dp_world_size: int = 1
+        self,
+        tokens,
+        global_batch_size: int,
+        seq_length: int,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+        drop_last: bool = True,
     ) -> None:
         if global_batch_size < 1 or seq_length < 1:
             raise ValueError(f"global_batch_size ({global_batch_size}) and seq_length ({seq_length}) must be >= 1")
@@ -44,7 +54,11 @@ class LaneDataset:
         self.dp_rank = dp_rank
         self.dp_world_size = dp_world_size
         self.lane_length = len(tokens) // global_batch_size
-        self.steps_per_epoch = max(self.lane_length - 1, 0) // seq_length
+        self.drop_last = drop_last
+        targets_per_lane = max(self.lane_length - 1, 0)
+        self.steps_per_epoch = (
+            targets_per_lane // seq_length if drop_last else -(-targets_per_lane // seq_length)
+        )
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{len(tokens):,} tokens cut into {global_batch_size} lanes give {self.lane_length:,} tokens "
@@ -70,15 +84,16 @@ class LaneDataset:
         if self.step == self.steps_per_epoch:
             self.epoch += 1
             self.step = 0
-        n = self.seq_length
-        pos = self.step * n
+        pos = self.step * self.seq_length
+        n = min(self.seq_length, self.lane_length - 1 - pos)  # < N only for the last step without drop_last
         rows = np.empty((self.local_batch_size, n + 1), dtype=np.int64)
         for i, start in enumerate(self._starts):
             rows[i] = self.tokens[start + pos : start + pos + n + 1]
         self.is_new_stream = self.step == 0
         self.step += 1
         batch = torch.from_numpy(rows)
-        return batch[:, :-1], batch[:, 1:]
+        # Contiguous copies: the model may .view() them, and they must not alias each other.
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
     def micro_batch_lanes(self, num_micro: int) -> list[list[int]]:
         """Global lane ids of each micro-batch: micro-batch i owns the same lanes every step."""
@@ -102,10 +117,11 @@ class LaneDataset:
             "global_batch_size": self.global_batch_size,
             "seq_length": self.seq_length,
             "num_tokens": len(self.tokens),
+            "drop_last": self.drop_last,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("global_batch_size", "seq_length", "num_tokens"):
+        for key in ("global_batch_size", "seq_length", "num_tokens", "drop_last"):
             mine = len(self.tokens) if key == "num_tokens" else getattr(self, key)
             if key in state and state[key] != mine:
                 raise ValueError(f"saved lane position has {key}={state[key]}, this dataset has {mine}")
