@@ -275,14 +275,14 @@ def test_download_without_network_fails_fast(tmp_path, capsys):
          "exactly one of"),
     ],
 )
-def test_bad_arguments_one_line(tmp_path, capsys, argv, must_say):
-    os.chdir(tmp_path)
+def test_bad_arguments_one_line(tmp_path, capsys, monkeypatch, argv, must_say):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "a").write_bytes(b"abc")
     rc, _, err = run_main(argv, capsys)
     assert_clean_failure(rc, err, must_say, tmp_path, before=["a"])
 
 
-def test_not_utf8_for_sentencepiece(tmp_path, capsys, monkeypatch):
+def test_not_utf8_for_sentencepiece(tmp_path, capsys):
     src = tmp_path / "bin.dat"
     src.write_bytes(b"ok text\n\xff\xfe broken")
     model = tmp_path / "m"
