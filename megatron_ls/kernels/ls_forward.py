@@ -32,7 +32,7 @@ def _softmax_step(scores, vis, m_i, l_i, acc, v, PREC: tl.constexpr):
 @triton.autotune(configs=configs(), key=["DH", "W", "C", "R", "HAS_LM"])
 @triton.heuristics(BAND_SIZES)
 @triton.jit
-def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, O, LSE, scale,
+def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, OUT, LSE, scale,
                 H, N, P, M, L, ND, W, C, R,
                 DH: tl.constexpr, HAS_LM: tl.constexpr, PREC: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr):
@@ -85,7 +85,7 @@ def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, O, LSE, scale,
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # only padding rows (i >= N) see nothing
     out = acc / l_safe[:, None]
-    tl.store(O + bh * N * DH + offs_i[:, None] * DH + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(OUT + bh * N * DH + offs_i[:, None] * DH + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(LSE + bh * N + offs_i, m_i + tl.log2(l_safe), mask=row_ok)
 

@@ -7,18 +7,9 @@ caller had the chance to set the variable.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import triton
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+from megatron_ls.kernels.availability import interpreting
 
 
 def configs(bwd: bool = False) -> list[triton.Config]:

@@ -1,0 +1,29 @@
+"""Whether the Triton kernels can run here; imports nothing heavy (Triton is optional)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run in NumPy on the CPU (read when a kernel is decorated)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def fused_available(device: torch.device | str | None = None) -> bool:
+    """True when the Triton kernels can run on `device` (default: CUDA if present, else the CPU).
+
+    CUDA needs Triton and a CUDA device; the CPU runs them only under TRITON_INTERPRET=1."""
+    if not triton_importable():
+        return False
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        return torch.cuda.is_available()
+    return dev.type == "cpu" and interpreting()

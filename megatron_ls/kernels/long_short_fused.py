@@ -1,0 +1,74 @@
+"""The fused (Triton) long-short attention core: autograd glue and the public entry point.
+
+Same signature and semantics as megatron_ls.model.attention.reference (DESIGN.md §2): window
+scores (q+u).k_s + (q+v).R_w(t-s), landmark scores q.k_j + q.R_c(d) with d in chunk units,
+chunk-causal landmark visibility, ONE softmax (fp32 statistics) over both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_ls.kernels.ls_backward import long_short_backward
+from megatron_ls.kernels.ls_forward import long_short_forward
+from megatron_ls.model.attention.common import check_long_short_shapes
+
+
+class _LongShortFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, window, chunk, chunk_rank, mem_len, scale):
+        geo = dict(window=window, chunk=chunk, chunk_rank=chunk_rank, mem_len=mem_len, scale=scale)
+        out, lse = long_short_forward(q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, **geo)
+        ctx.save_for_backward(q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, lse)
+        ctx.geo = geo
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, lse = ctx.saved_tensors
+        grads = long_short_backward(dout.contiguous(), q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, lse,
+                                    **ctx.geo)
+        dq, dkw, dvw, dkl, dvl, du, dv, drw, drl = grads
+        return (dq, dkw, dvw, dkl, dvl, du.to(u.dtype), dv.to(v.dtype), drw.to(r_win.dtype), drl.to(r_lm.dtype),
+                None, None, None, None, None)
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return q.dtype
+
+
+def long_short_attention_fused(
+    q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, k_lm: torch.Tensor, v_lm: torch.Tensor,
+    pos_bias_u: torch.Tensor, pos_bias_v: torch.Tensor, r_win: torch.Tensor, r_lm: torch.Tensor, *,
+    window: int, chunk: int, chunk_rank: int, mem_len: int, dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Long-short attention with Triton kernels for forward and backward; returns (B, H, N, dh).
+
+    The kernels run on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, tests).
+    dropout_p > 0 is NOT fused: it falls back to the blocked pure-PyTorch path (same semantics,
+    dropout on the joint probabilities). dh must be a power of two >= 16 (tl.dot / tl.arange).
+    Operands are computed in q's dtype (the autocast dtype under CUDA autocast); u, v, R and
+    the softmax statistics are accumulated in fp32. Gradients flow to all nine tensors.
+    """
+    if dropout_p > 0:
+        from megatron_ls.model.attention.blocked import long_short_attention_blocked
+        return long_short_attention_blocked(q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm,
+                                            window=window, chunk=chunk, chunk_rank=chunk_rank, mem_len=mem_len,
+                                            dropout_p=dropout_p, softmax_scale=softmax_scale)
+    check_long_short_shapes(q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm,
+                            window=window, chunk=chunk, chunk_rank=chunk_rank, mem_len=mem_len)
+    dh = q.shape[-1]
+    if dh < 16 or dh & (dh - 1):
+        raise ValueError(f"the fused kernel needs a head dim that is a power of two >= 16, got {dh}")
+    scale = softmax_scale if softmax_scale is not None else dh ** -0.5
+    dt = _compute_dtype(q)
+    if k_lm.shape[2] == 0:  # window only: the landmark table is never read; keep one valid row
+        r_lm = r_lm.new_zeros((q.shape[1], 1, dh)) if r_lm.dim() != 3 or r_lm.shape[1] < 1 else r_lm
+    with torch.autocast(q.device.type, enabled=False):
+        args = [t.to(dt).contiguous() for t in (q, k_win, v_win, k_lm, v_lm)]
+        args += [pos_bias_u.contiguous(), pos_bias_v.contiguous()]
+        args += [t.to(dt).contiguous() for t in (r_win, r_lm)]
+        return _LongShortFn.apply(*args, window, chunk, chunk_rank, mem_len, float(scale))
