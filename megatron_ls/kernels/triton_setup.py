@@ -7,6 +7,8 @@ caller had the chance to set the variable.
 
 from __future__ import annotations
 
+import os
+
 import triton
 
 from megatron_ls.kernels.availability import interpreting
@@ -15,7 +17,10 @@ from megatron_ls.kernels.availability import interpreting
 def configs(bwd: bool = False) -> list[triton.Config]:
     """Autotune candidates: one small tile under the interpreter (every program runs in Python),
     a few FlashAttention-2-like tiles on CUDA. BM/BN beyond 64 make the position band (BM + BN
-    distances, padded to a power of two) too large for registers."""
+    distances, padded to a power of two) too large for registers.
+
+    MEGATRON_LS_TRITON_CONFIG=i keeps only candidate i (read at import): tests compile one tile
+    per geometry instead of autotuning every one, and bench/gpu_check.sh checks each tile in turn."""
     if interpreting():
         return [triton.Config({"BM": 16, "BN": 16}, num_warps=1, num_stages=1)]
     out = [triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=2),
@@ -23,7 +28,8 @@ def configs(bwd: bool = False) -> list[triton.Config]:
            triton.Config({"BM": 32, "BN": 64}, num_warps=4, num_stages=2)]
     if not bwd:
         out.append(triton.Config({"BM": 128, "BN": 32}, num_warps=8, num_stages=2))
-    return out
+    pick = os.environ.get("MEGATRON_LS_TRITON_CONFIG")
+    return out if pick is None else [out[min(int(pick), len(out) - 1)]]
 
 
 def _ndw(args: dict) -> int:
