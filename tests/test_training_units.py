@@ -189,7 +189,8 @@ class FakeEngine:
     def __init__(self, value: float = 0.0) -> None:
         self.value = value
 
-    def save_checkpoint(self, save_dir, tag, client_state=None):
+    def save_checkpoint(self, save_dir, tag, client_state=None, save_latest=True):
+        assert not save_latest
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
         torch.save({"w": torch.tensor([self.value])}, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
 

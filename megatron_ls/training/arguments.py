@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", default=None)
     g.add_argument("--fp16", action="store_true", default=None, help="CUDA only, with dynamic loss scaling")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--exit-interval", type=int,
+                   help="save and exit when the iteration is a multiple of this (Megatron's flag; for staged runs)")
     g.add_argument("--max-nonfinite-steps", type=int, default=5,
                    help="stop after this many consecutive steps with a NaN/inf loss (each update is skipped)")
 
@@ -224,6 +226,8 @@ def finalize_args(args: argparse.Namespace, world_size: int | None = None) -> ar
         raise ConfigError(f"--log-interval must be >= 1, got {args.log_interval}")
     if args.eval_interval < 0 or args.eval_iters < -1:
         raise ConfigError("--eval-interval must be >= 0 and --eval-iters >= -1")
+    if args.exit_interval is not None and args.exit_interval < 1:
+        raise ConfigError(f"--exit-interval must be >= 1, got {args.exit_interval}")
     if args.max_nonfinite_steps < 1:
         raise ConfigError(f"--max-nonfinite-steps must be >= 1, got {args.max_nonfinite_steps}")
     return args

@@ -156,7 +156,8 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, local_state: dic
             if name.endswith(PARTIAL) and _TAG_RE.match(name[: -len(PARTIAL)]):
                 shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
     barrier()
-    engine.save_checkpoint(save_dir, tag + PARTIAL, client_state={"iteration": iteration})
+    # DeepSpeed must not write `latest` itself: it would name the partial folder.
+    engine.save_checkpoint(save_dir, tag + PARTIAL, client_state={"iteration": iteration}, save_latest=False)
     os.makedirs(partial, exist_ok=True)
     torch.save(dict(local_state, rank=rank, world_size=_world(), iteration=iteration),
                os.path.join(partial, run_state_file(rank)))

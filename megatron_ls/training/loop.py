@@ -1,0 +1,272 @@
+"""pretrain_char_lm.py's body: set up, (re)load, train, evaluate, save.
+
+Order matters for failing cleanly: everything that reads only the arguments and the shard files
+(identical on every rank) is checked before torch.distributed starts, so a bad input stops every
+rank with the same message; after that, per-rank work that can fail is agreed across ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from typing import Any
+
+from megatron_ls.data import DataError, LaneDataset, load_split
+from megatron_ls.parallel.mpu import ParallelConfigError
+
+from . import checkpointing as ckpt
+from .arguments import finalize_args, parse_args
+from .collectives import barrier
+from .ds_config import build_ds_config, write_ds_config
+from .errors import ConfigError, TrainingError
+from .evaluation import evaluate
+from .logging import TrainingLogger, error_line, print_rank0
+from .signals import StopSignals
+
+USER_ERRORS = (TrainingError, DataError, ParallelConfigError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done (or stopped by a signal after saving), 1 a user-fixable error."""
+    try:
+        return train(argv)
+    except USER_ERRORS as e:
+        error_line(str(e))
+        return 1
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        return 130
+
+
+# ---- setup ----------------------------------------------------------------------------------
+def _load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
+    train_tokens, meta = load_split(args.data_path, "train")
+    valid_tokens = None
+    if args.eval_iters != 0:
+        valid_tokens, _ = load_split(args.data_path, "valid")
+    return train_tokens, valid_tokens, meta
+
+
+def _model_config(args: argparse.Namespace, meta: dict):
+    from megatron_ls.model import TransformerLSConfig
+
+    shard_vocab = int(meta["vocab_size"])
+    model = dict(args.model)
+    want = model.get("vocab_size")
+    if want is not None and want != shard_vocab:
+        source = "--vocab-size" if "vocab_size" in args.explicit else f"--preset {args.preset}"
+        tok = meta.get("tokenizer", {}).get("type", "?")
+        raise ConfigError(f"the shards {args.data_path}_* have a vocabulary of {shard_vocab} ({tok} tokenizer, "
+                          f"{args.data_path}.json) but the model's is {want} ({source})")
+    model["vocab_size"] = shard_vocab
+    args.model = model
+    try:
+        return TransformerLSConfig(**model, seq_length=args.seq_length)
+    except ValueError as e:
+        raise ConfigError(f"model configuration: {e}") from None
+
+
+def _lanes(tokens: Any, args: argparse.Namespace, dp_rank: int, dp: int, split: str) -> LaneDataset:
+    try:
+        return LaneDataset(tokens, args.global_batch_size, args.seq_length, dp_rank, dp)
+    except ValueError as e:
+        raise DataError(f"{args.data_path}_{split} is too short for --global-batch-size {args.global_batch_size} "
+                        f"x --seq-length {args.seq_length}: {e}") from None
+
+
+def _run_info(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    run = {k: v for k, v in vars(args).items() if k not in ("explicit", "model") and not k.startswith("_")}
+    return {
+        "model": config.to_dict(),
+        "run": run,
+        "layout": {"tensor_model_parallel_size": args.tensor_model_parallel_size,
+                   "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+                   "data_parallel_size": args.data_parallel_size},
+        "tokenizer": args.tokenizer,
+    }
+
+
+def _should_resume(args: argparse.Namespace) -> bool:
+    """--load with --save pointing to the same place and no checkpoint yet is a fresh start of a resumable run."""
+    if not args.load:
+        return False
+    if not ckpt.has_checkpoint(args.load) and args.save and os.path.realpath(args.load) == os.path.realpath(args.save):
+        print_rank0(f"no checkpoint in {args.load} yet: starting from scratch")
+        return False
+    return True
+
+
+# ---- the run --------------------------------------------------------------------------------
+def train(argv: list[str] | None = None) -> int:
+    from .distributed import init_distributed, world_from_env
+
+    args = parse_args(argv)
+    world, rank, _ = world_from_env()
+    finalize_args(args, world_size=world)
+    train_tokens, valid_tokens, meta = _load_data(args)
+    args.tokenizer = meta.get("tokenizer")
+    config = _model_config(args, meta)
+    on_cpu = os.environ.get("DS_ACCELERATOR", "") == "cpu" or not _cuda_available()
+    ds_config = build_ds_config(args, on_cpu=on_cpu)
+    # Lane datasets validate sizes before any process waits on another.
+    _lanes(train_tokens, args, 0, args.data_parallel_size, "train")
+    if valid_tokens is not None:
+        _lanes(valid_tokens, args, 0, args.data_parallel_size, "valid")
+
+    _quiet_deepspeed()
+    layout = init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, config)
+    from .engine import build_engine
+
+    train_data = _lanes(train_tokens, args, layout.dp_rank, layout.dp, "train")
+    engine = build_engine(config, ds_config, layout, seed=args.seed,
+                          checkpoint_activations=args.checkpoint_activations)
+    run_info = _run_info(args, config)
+
+    iteration = 0
+    if _should_resume(args):
+        path, info = ckpt.locate_checkpoint(args.load)
+        ckpt.check_compatible(info, config.to_dict(), run_info["run"] | run_info["layout"] | {"world_size": world},
+                              args.finetune, path)
+        ckpt.load_engine_state(engine, path, finetune=args.finetune)
+        if args.finetune:
+            print_rank0(f"loaded the weights of {path} (--finetune: fresh optimizer, schedule, data and memory)")
+        else:
+            local = ckpt.load_local_state(path)
+            try:
+                train_data.load_state_dict(local["data"])
+            except ValueError as e:
+                raise ckpt.CheckpointError(f"checkpoint {path}: its lane position does not fit this data: {e}") \
+                    from None
+            engine.load_memory_state_dict(local["memory"])
+            ckpt.set_rng_state(local["rng"])
+            iteration = int(info["iteration"])
+            print_rank0(f"resumed from {path} at iteration {iteration}")
+
+    if rank == 0 and args.save:
+        os.makedirs(args.save, exist_ok=True)
+        write_ds_config(ds_config, os.path.join(args.save, "ds_config.json"))
+    logger = TrainingLogger(rank, args.train_iters, args.save, args.tensorboard_dir, resume_iteration=iteration,
+                            args=run_info["run"])
+    _banner(logger, args, config, engine, layout, meta)
+
+    def make_valid() -> LaneDataset:
+        return _lanes(valid_tokens, args, layout.dp_rank, layout.dp, "valid")
+
+    def save(it: int) -> None:
+        local = {"data": train_data.state_dict(), "memory": engine.memory_state_dict(), "rng": ckpt.rng_state()}
+        t0 = time.monotonic()
+        path = ckpt.save_checkpoint(engine, args.save, it, local, run_info, keep_last=args.keep_last)
+        logger.print(f"saved checkpoint {path} ({time.monotonic() - t0:.1f} s)")
+
+    tokens_per_step = args.global_batch_size * args.seq_length
+    losses: list[float] = []
+    skipped_in_interval = 0
+    nonfinite_streak = 0
+    interval_start = time.monotonic()
+    last_saved = iteration if args.load and not args.finetune else -1
+    stop_reason = ""
+    with StopSignals() as signals:
+        while iteration < args.train_iters:
+            inputs, targets = train_data.next_batch()
+            if train_data.is_new_stream:
+                engine.reset_memory("train")
+            loss = engine.train_step(inputs, targets)
+            iteration += 1
+            if math.isfinite(loss):
+                nonfinite_streak = 0
+                losses.append(loss)
+            else:  # the engine skipped this update
+                nonfinite_streak += 1
+                skipped_in_interval += 1
+                if nonfinite_streak >= args.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"the loss was {loss} for {nonfinite_streak} steps in a row (iterations "
+                        f"{iteration - nonfinite_streak + 1}-{iteration}); every update was skipped, and the run stops "
+                        "here. Lower --lr, raise --lr-warmup-iters, use --bf16 instead of --fp16, or resume from the "
+                        "last checkpoint.")
+            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                elapsed = time.monotonic() - interval_start
+                n_steps = len(losses) + skipped_in_interval
+                mean = sum(losses) / len(losses) if losses else float("nan")
+                logger.log_train(iteration, mean, _lr(engine), _grad_norm(engine), tokens_per_step * n_steps,
+                                 elapsed, skipped_in_interval)
+                losses, skipped_in_interval = [], 0
+                interval_start = time.monotonic()
+            if (valid_tokens is not None and args.eval_interval and iteration % args.eval_interval == 0
+                    and iteration < args.train_iters):
+                loss_v, n, secs = evaluate(engine, make_valid, args.eval_iters)
+                logger.log_eval(iteration, loss_v, n, secs)
+                interval_start += secs
+            stop = signals.stop_requested()
+            exit_now = args.exit_interval is not None and iteration % args.exit_interval == 0
+            if args.save and (stop or exit_now or (args.save_interval and iteration % args.save_interval == 0)):
+                t0 = time.monotonic()
+                save(iteration)
+                last_saved = iteration
+                interval_start += time.monotonic() - t0
+            if stop or exit_now:
+                stop_reason = (f"received {signals.name or 'a stop signal'}" if stop
+                               else f"--exit-interval {args.exit_interval}")
+                break
+
+    if stop_reason:
+        logger.print(f"{stop_reason}: stopped at iteration {iteration}"
+                     + (f" after saving {ckpt.tag_name(iteration)}" if args.save else " (no --save: nothing saved)"))
+    else:
+        if valid_tokens is not None:
+            loss_v, n, secs = evaluate(engine, make_valid, args.eval_iters)
+            logger.log_eval(iteration, loss_v, n, secs, final=True)
+        if args.save and last_saved != iteration:
+            save(iteration)
+        logger.print(f"training done: {iteration} iterations in {time.monotonic() - logger.start_time:.1f} s")
+    logger.close()
+    barrier()
+    return 0
+
+
+def _banner(logger: TrainingLogger, args: argparse.Namespace, config: Any, engine: Any, layout: Any,
+            meta: dict) -> None:
+    if not logger.active:
+        return
+    n_params = sum(p.numel() for p in {id(p): p for p in engine.module.parameters()}.values())
+    params = f"{n_params:,}" + (" on rank 0" if layout.tp * layout.pp > 1 else "")
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    tokens = args.global_batch_size * args.seq_length
+    logger.print(
+        f"Transformer-LS: {config.num_layers} layers, width {config.hidden_size}, {config.num_attention_heads} heads, "
+        f"window {config.window_size}, chunk {config.chunk_size} x {config.chunk_rank}, memory {config.mem_length}, "
+        f"{config.attention_type}/{config.attention_impl}, vocab {config.vocab_size}, parameters {params}\n"
+        f"layout: world {layout.world_size} = TP {layout.tp} x PP {layout.pp} x DP {layout.dp}, "
+        f"ZeRO {args.zero_stage}, {precision}, backend {layout.backend}\n"
+        f"batch: {args.global_batch_size} lanes x {args.seq_length} tokens = {tokens:,} tokens/step "
+        f"(micro {args.micro_batch_size}, accumulation {args.gradient_accumulation_steps}); "
+        f"data {args.data_path} ({meta.get('dataset', '?')}, train {meta['splits']['train']['tokens']:,} tokens)")
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs every setup step at INFO; our logger prints what matters (DS_LOG_LEVEL=info to see them)."""
+    import logging
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(getattr(logging, os.environ.get("DS_LOG_LEVEL", "warning").upper(), logging.WARNING))
+
+
+def _lr(engine: Any) -> float:
+    lr = getattr(engine, "lr", None)
+    lr = lr() if callable(lr) else lr
+    return float(lr) if lr is not None else float("nan")
+
+
+def _grad_norm(engine: Any) -> float | None:
+    g = getattr(engine, "grad_norm", None)
+    g = g() if callable(g) else g
+    return None if g is None else float(g)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
