@@ -59,9 +59,11 @@ def _dq_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, DO, LSE, DELTA, DQ, DU, DV, DRW,
     offs_n = tl.arange(0, BN)
     qs, qu, qv, do, lse, delta = _load_query_side(Q, U, V, DO, LSE, DELTA, bh, h, offs_i, N, scale, DH)
     dt = qs.dtype
-    dqs = tl.zeros((BM, DH), dtype=tl.float32)  # gradient w.r.t. the scaled query through landmarks
-    dqu = tl.zeros((BM, DH), dtype=tl.float32)  # ... through (q + u) . k
-    dqv = tl.zeros((BM, DH), dtype=tl.float32)  # ... through (q + v) . R_w
+    # One accumulator for the scaled query's gradient; u and v only need its column sums over the
+    # block's rows, kept as (DH,) vectors (sum_i dS[i, s] k_s = colsum(dS) . k) to spare registers.
+    dq = tl.zeros((BM, DH), dtype=tl.float32)
+    du = tl.zeros((DH,), dtype=tl.float32)
+    dv = tl.zeros((DH,), dtype=tl.float32)
 
     if HAS_LM:
         n_vis = (M + tl.minimum(i0 + BM, N) - 1) // C * R
@@ -73,9 +75,9 @@ def _dq_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, DO, LSE, DELTA, DQ, DU, DV, DRW,
             scores, vis, rb, band = landmark_tile(qs, kl, RL + h * ND * DH, offs_i, offs_l, i0, l0, M, N, L, ND,
                                                   C, R, BN, NDL, DH, PREC)
             p, ds = _probs_and_dscores(scores, vis, lse, delta, do, vl, PREC)
-            dqs += tl.dot(ds.to(dt), kl, input_precision=PREC)
+            dq += tl.dot(ds.to(dt), kl, input_precision=PREC)
             dsb = landmark_band_grad(ds, offs_i, band, l0, M, C, R, BM, BN, NDL).to(dt)
-            dqs += tl.dot(dsb, rb, input_precision=PREC)
+            dq += tl.dot(dsb, rb, input_precision=PREC)
             drb = tl.dot(tl.trans(dsb), qs, input_precision=PREC)
             rows = tl.minimum(tl.maximum(band, 0), ND - 1)
             tl.atomic_add(DRL + h * ND * DH + rows[:, None] * DH + offs_d[None, :], drb, mask=(band >= 0)[:, None])
@@ -91,18 +93,20 @@ def _dq_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, DO, LSE, DELTA, DQ, DU, DV, DRW,
         scores, vis, rb, band = window_tile(qu, qv, kw, RW + h * W * DH, offs_i, offs_s, i0, s0, P, N, W,
                                             BN, NDW, DH, PREC)
         p, ds = _probs_and_dscores(scores, vis, lse, delta, do, vw, PREC)
-        dqu += tl.dot(ds.to(dt), kw, input_precision=PREC)
-        dsb = window_band_grad(ds, offs_i, band, s0, P, BN).to(dt)
-        dqv += tl.dot(dsb, rb, input_precision=PREC)
+        dq += tl.dot(ds.to(dt), kw, input_precision=PREC)
+        du += tl.sum(tl.sum(ds, 0)[:, None] * kw.to(tl.float32), 0)
+        dsb = window_band_grad(ds, offs_i, band, s0, P, BN)
+        dv += tl.sum(tl.sum(dsb, 0)[:, None] * rb.to(tl.float32), 0)
+        dsb = dsb.to(dt)
+        dq += tl.dot(dsb, rb, input_precision=PREC)
         drb = tl.dot(tl.trans(dsb), qv, input_precision=PREC)
         band_ok = (band >= 0) & (band < W)
         tl.atomic_add(DRW + h * W * DH + band[:, None] * DH + offs_d[None, :], drb, mask=band_ok[:, None])
 
-    dq = (dqs + dqu + dqv) * scale
-    tl.store(DQ + bh * N * DH + offs_i[:, None] * DH + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + bh * N * DH + offs_i[:, None] * DH + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=(offs_i < N)[:, None])
-    tl.atomic_add(DU + h * DH + offs_d, tl.sum(dqu, 0))
-    tl.atomic_add(DV + h * DH + offs_d, tl.sum(dqv, 0))
+    tl.atomic_add(DU + h * DH + offs_d, du)
+    tl.atomic_add(DV + h * DH + offs_d, dv)
 
 
 @triton.autotune(configs=configs(bwd=True), key=["DH", "W", "C", "R"])
