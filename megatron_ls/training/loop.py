@@ -116,6 +116,8 @@ def train(argv: list[str] | None = None) -> int:
         _lanes(valid_tokens, args, 0, args.data_parallel_size, "valid")
 
     _quiet_deepspeed()
+    if on_cpu:
+        _share_cpu_cores()
     layout = init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, config)
     from .engine import build_engine
 
@@ -243,6 +245,18 @@ def _banner(logger: TrainingLogger, args: argparse.Namespace, config: Any, engin
         f"batch: {args.global_batch_size} lanes x {args.seq_length} tokens = {tokens:,} tokens/step "
         f"(micro {args.micro_batch_size}, accumulation {args.gradient_accumulation_steps}); "
         f"data {args.data_path} ({meta.get('dataset', '?')}, train {meta['splits']['train']['tokens']:,} tokens)")
+
+
+def _share_cpu_cores() -> None:
+    """One process per core group: torch's default (every core in every process) oversubscribes the CPU
+    as soon as several ranks share a node, which makes gloo steps tens of times slower."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(local, 1)))
 
 
 def _quiet_deepspeed() -> None:
