@@ -20,6 +20,7 @@ from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.layer import TransformerLSLayer
 from megatron_ls.model.memory import update_memory
 from megatron_ls.parallel import mpu
+from megatron_ls.parallel.checkpointing import checkpoint
 from megatron_ls.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ls.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, normal_init
 from megatron_ls.parallel.mappings import (
@@ -30,13 +31,24 @@ from megatron_ls.parallel.mappings import (
 Memory = list[torch.Tensor]
 
 
+def _unpadded(init, rows: int):
+    """Initialise only the real vocabulary rows (padding rows zero): the RNG stream, hence every later
+    weight, is then the same whatever padding the tensor-parallel size adds."""
+
+    def apply(full: torch.Tensor) -> None:
+        init(full[:rows])
+        full[rows:].zero_()
+
+    return apply
+
+
 class TransformerLSLM(nn.Module):
     def __init__(self, config: TransformerLSConfig) -> None:
         super().__init__()
         self.config = config
         tp = mpu.get_tensor_model_parallel_world_size()
         self.padded_vocab_size = config.padded_vocab_size(tp)
-        init = normal_init(config.init_method_std)
+        init = _unpadded(normal_init(config.init_method_std), config.vocab_size)
         self.embedding = VocabParallelEmbedding(self.padded_vocab_size, config.hidden_size, init_method=init)
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(TransformerLSLayer(config) for _ in range(config.num_layers))
@@ -47,6 +59,8 @@ class TransformerLSLM(nn.Module):
                                                init_method=init)
         per_rank = self.padded_vocab_size // tp
         self.vocab_start = per_rank * mpu.get_tensor_model_parallel_rank()
+        # Set by the training engine: recompute each layer in the backward (deepspeed.checkpointing).
+        self.checkpoint_activations = False
 
     # ---- pieces (also used by pipeline stages and inference) -------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -75,7 +89,10 @@ class TransformerLSLM(nn.Module):
         new_memory = []
         for layer, mem in zip(self.layers, memory):
             new_memory.append(update_memory(mem, h, cfg.mem_length))
-            h = layer(h, mem)
+            if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, mem)
+            else:
+                h = layer(h, mem)
         return self.final_norm(h), new_memory
 
     # ---- the usual entry point --------------------------------------------------------------
