@@ -1,0 +1,241 @@
+"""TransformerLSLM as a DeepSpeed PipelineModule (Megatron-DeepSpeed's GPTModelPipe for Transformer-LS).
+
+Layers: [tied embedding] + num_layers x [TransformerLSLayerPipe] + [final LayerNorm] + [tied output], partitioned
+so that each stage holds a balanced share of the transformer layers. Between stages only tensors travel: the
+activation tuple is (hidden (B, N, D), micro-batch index (1,) int64). The index says which micro-batch, hence
+which fixed set of lanes, the activations belong to, so each stage keeps its own layers' memory per lane set
+(memory never crosses a stage boundary) and the pipeline schedule's order does not matter.
+
+Weights are those of TransformerLSLM(config) built from the same RNG state: every rank builds the one-process
+model once (its TP shard of it), and each stage copies the parts it owns, so PP=2 starts from PP=1's weights.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch import nn
+
+from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.model.layer import TransformerLSLayer
+from megatron_ls.model.lm import TransformerLSLM
+from megatron_ls.model.memory import update_memory
+from megatron_ls.parallel import mpu
+from megatron_ls.parallel.checkpointing import checkpoint
+from megatron_ls.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_ls.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+
+TRAIN_STREAM = "train"
+
+
+class _HeadMixin:
+    """TransformerLSLM's embedding / logits code, reused on a stage module with the same attribute names."""
+
+    config: TransformerLSConfig
+
+    def _setup(self, config: TransformerLSConfig) -> None:
+        tp = mpu.get_tensor_model_parallel_world_size()
+        self.config = config
+        self.padded_vocab_size = config.padded_vocab_size(tp)
+        self.vocab_start = (self.padded_vocab_size // tp) * mpu.get_tensor_model_parallel_rank()
+        self.output = None
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return TransformerLSLM.embed(self, tokens)
+
+    def logits_local(self, hidden: torch.Tensor) -> torch.Tensor:
+        return TransformerLSLM.logits_local(self, hidden)
+
+
+class EmbeddingPipe(_HeadMixin, nn.Module):
+    """First stage: tokens -> embedded hidden states; also the tied output layer on the last stage."""
+
+    def __init__(self, config: TransformerLSConfig, source: TransformerLSLM | None = None) -> None:
+        nn.Module.__init__(self)
+        self._setup(config)
+        self.embedding = VocabParallelEmbedding(self.padded_vocab_size, config.hidden_size)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        if source is not None:
+            self.embedding.load_state_dict(source.embedding.state_dict())
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, lane_set = inputs
+        return self.embed(tokens), lane_set
+
+
+def tied_logits(module: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
+    """The tied output layer: this rank's vocabulary partition of the logits."""
+    return module.logits_local(hidden)
+
+
+class OutputPipe(_HeadMixin, nn.Module):
+    """Last stage with untied embeddings: its own column-parallel output projection."""
+
+    def __init__(self, config: TransformerLSConfig, source: TransformerLSLM | None = None) -> None:
+        nn.Module.__init__(self)
+        self._setup(config)
+        self.output = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size, bias=False)
+        if source is not None:
+            self.output.load_state_dict(source.output.state_dict())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.logits_local(hidden)
+
+
+class TransformerLSLayerPipe(TransformerLSLayer):
+    """One transformer layer that keeps its own memory, per stream and per micro-batch (= fixed lane set).
+
+    The memory update (the layer's input, detached) happens outside the checkpointed function, so a
+    recompute during the backward neither advances the memory nor reads a different one.
+    """
+
+    def __init__(self, config: TransformerLSConfig, index: int, source: TransformerLSLM | None = None,
+                 checkpoint_activations: bool = False) -> None:
+        super().__init__(config)
+        self.mem_length = config.mem_length
+        self.index = index
+        self.checkpoint_activations = checkpoint_activations
+        self.stream = TRAIN_STREAM
+        self.memory: dict[str, dict[int, torch.Tensor]] = {}
+        if source is not None:
+            self.load_state_dict(source.layers[index].state_dict())
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, lane_set = inputs
+        store = self.memory.setdefault(self.stream, {})
+        key = int(lane_set.reshape(-1)[0])
+        mem = store.get(key)
+        if mem is not None and mem.shape[0] != hidden.shape[0]:
+            raise ValueError(f"layer {self.index}: memory of micro-batch {key} holds {mem.shape[0]} lanes, "
+                             f"the input {hidden.shape[0]}; reset the memory when the batch layout changes")
+        store[key] = update_memory(mem, hidden, self.mem_length)
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            out = checkpoint(self._layer, hidden, mem)
+        else:
+            out = self._layer(hidden, mem)
+        return out, lane_set
+
+    def _layer(self, hidden: torch.Tensor, mem: torch.Tensor | None) -> torch.Tensor:
+        return TransformerLSLayer.forward(self, hidden, mem)
+
+
+class FinalNormPipe(nn.LayerNorm):
+    """The final LayerNorm; drops the micro-batch index (the output layer needs only the hidden states)."""
+
+    def __init__(self, config: TransformerLSConfig, source: TransformerLSLM | None = None) -> None:
+        super().__init__(config.hidden_size, eps=config.layernorm_epsilon)
+        if source is not None:
+            self.load_state_dict(source.final_norm.state_dict())
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return super().forward(inputs[0])
+
+
+class PipeLoss:
+    """loss_fn of the pipeline: mean nats per token through vocab-parallel cross entropy.
+
+    While `accumulate` is on (evaluation) it also adds the exact sum of nats and the token count of every
+    micro-batch, in float64, on the last stage.
+    """
+
+    def __init__(self) -> None:
+        self.accumulate = False
+        self.sum_nats = 0.0
+        self.tokens = 0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        nats = vocab_parallel_cross_entropy(logits, targets)
+        if self.accumulate:
+            self.sum_nats += float(nats.detach().double().sum())
+            self.tokens += nats.numel()
+        return nats.mean()
+
+
+class TransformerLSPipe(PipelineModule):
+    """The pipeline form of TransformerLSLM; memory helpers act on the layers of this stage."""
+
+    def __init__(self, config: TransformerLSConfig, topology: PipeModelDataParallelTopology,
+                 checkpoint_activations: bool = False) -> None:
+        pipe_loss = PipeLoss()
+        # The one-process model, built from the current RNG exactly as with pp=1; stages copy their parts.
+        source = TransformerLSLM(config)
+        tied = config.tie_embeddings
+        specs: list = [TiedLayerSpec("embed", EmbeddingPipe, config, source, tied_weight_attr=["embedding.weight"])
+                       if tied else LayerSpec(EmbeddingPipe, config, source)]
+        specs += [LayerSpec(TransformerLSLayerPipe, config, i, source, checkpoint_activations)
+                  for i in range(config.num_layers)]
+        specs.append(LayerSpec(FinalNormPipe, config, source))
+        specs.append(TiedLayerSpec("embed", EmbeddingPipe, config, source, forward_fn=tied_logits,
+                                   tied_weight_attr=["embedding.weight"])
+                     if tied else LayerSpec(OutputPipe, config, source))
+        # Stage modules re-initialise before copying from `source`: keep that off the RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            super().__init__(layers=specs, topology=topology, loss_fn=pipe_loss,
+                             partition_method="type:TransformerLSLayerPipe", activation_checkpoint_interval=0)
+        self.config = config
+        self.pipe_loss = pipe_loss
+
+    def memory_layers(self) -> list[TransformerLSLayerPipe]:
+        return [f for f in self.forward_funcs if isinstance(f, TransformerLSLayerPipe)]
+
+    def set_stream(self, stream: str) -> None:
+        for layer in self.memory_layers():
+            layer.stream = stream
+
+    def reset_memory(self, stream: str | None = None) -> None:
+        for layer in self.memory_layers():
+            if stream is None:
+                layer.memory.clear()
+            else:
+                layer.memory.pop(stream, None)
+
+    def memory_state_dict(self) -> dict[str, dict[int, dict[int, torch.Tensor]]]:
+        """{stream: {micro-batch: {global layer index: (B, m, D) tensor}}} for this stage's layers."""
+        out: dict[str, dict[int, dict[int, torch.Tensor]]] = {}
+        for layer in self.memory_layers():
+            for stream, store in layer.memory.items():
+                for key, mem in store.items():
+                    out.setdefault(stream, {}).setdefault(key, {})[layer.index] = mem.detach().cpu().clone()
+        return out
+
+    def load_memory_state_dict(self, state: dict[str, dict[int, dict[int, torch.Tensor]]],
+                               device: torch.device) -> None:
+        self.reset_memory()
+        layers = {layer.index: layer for layer in self.memory_layers()}
+        for stream, by_key in state.items():
+            for key, by_layer in by_key.items():
+                if set(by_layer) != set(layers):
+                    raise ValueError(f"memory state holds layers {sorted(by_layer)}, this stage has {sorted(layers)}: "
+                                     "resume with the pipeline layout it was saved with")
+                for index, mem in by_layer.items():
+                    layers[index].memory.setdefault(stream, {})[int(key)] = mem.to(device)
+
+
+_LAYER_NAME = re.compile(r"^(\d+)\.(.*)$")
+
+
+def pipe_to_lm_name(name: str, num_layers: int, tie_embeddings: bool = True) -> str:
+    """Name of a TransformerLSPipe parameter in TransformerLSLM's state dict."""
+    if name.startswith("tied_modules.embed."):
+        return name[len("tied_modules.embed."):]
+    match = _LAYER_NAME.match(name)
+    if match is None:
+        raise ValueError(f"not a TransformerLSPipe parameter name: {name!r}")
+    index, rest = int(match.group(1)), match.group(2)
+    if index == 0:
+        return rest
+    if index <= num_layers:
+        return f"layers.{index - 1}.{rest}"
+    if index == num_layers + 1:
+        return f"final_norm.{rest}"
+    if index == num_layers + 2 and not tie_embeddings:
+        return rest
+    raise ValueError(f"not a TransformerLSPipe parameter name: {name!r}")
+
+
+def build_topology(pp: int, tp: int, dp: int) -> PipeModelDataParallelTopology:
+    """Axes (pipe, data, model), the model axis fastest: the rank order of megatron_ls.parallel.mpu."""
+    return PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)

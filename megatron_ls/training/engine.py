@@ -1,0 +1,334 @@
+"""TrainEngine: the one training API for every layout (TP x PP x DP, ZeRO 0-3), on top of a DeepSpeed engine.
+
+pp = 1: TransformerLSLM under deepspeed.initialize(mpu=...), micro-batches driven here (forward, backward, step per
+micro-batch; DeepSpeed accumulates and steps at the boundary); the memory lives here, per stream and micro-batch.
+pp > 1: TransformerLSPipe under DeepSpeed's PipelineEngine (train_batch / eval_batch); each stage keeps its own
+layers' memory (model/pipeline.py).
+
+Micro-batch i of a step always holds rows [i*mb, (i+1)*mb) of this DP rank's lanes, so its memory is the memory of
+those same lanes at the previous step. Training and evaluation keep separate memory ("train" / "eval" streams).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.model.lm import TransformerLSLM
+from megatron_ls.parallel import mpu
+from megatron_ls.parallel.checkpointing import configure_activation_checkpointing
+from megatron_ls.parallel.mpu import ParallelConfigError
+from megatron_ls.parallel.random import model_parallel_seed
+from megatron_ls.training.distributed import Layout, validate_layout
+
+TRAIN, EVAL = "train", "eval"
+Memory = list[torch.Tensor]
+
+
+def check_ds_config(ds_config: dict[str, Any], layout: Layout) -> tuple[int, int]:
+    """Layout rules DeepSpeed would enforce later (or not at all); returns (micro batch, accumulation steps)."""
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    allowed = (0, 1, 2, 3) if layout.pp == 1 else (0, 1)
+    if stage not in allowed:
+        why = " (DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only)" if layout.pp > 1 else ""
+        raise ParallelConfigError(f"ZeRO stage {stage} is not possible with pipeline-model-parallel-size "
+                                  f"{layout.pp}{why}")
+    micro = ds_config.get("train_micro_batch_size_per_gpu")
+    if not isinstance(micro, int) or micro < 1:
+        raise ParallelConfigError("the DeepSpeed config must set train_micro_batch_size_per_gpu (a positive integer)")
+    gas = ds_config.get("gradient_accumulation_steps")
+    total = ds_config.get("train_batch_size")
+    if gas is None:
+        if not isinstance(total, int) or total % (micro * layout.dp):
+            raise ParallelConfigError(f"train_batch_size ({total}) must be a multiple of micro batch ({micro}) x "
+                                      f"data-parallel size ({layout.dp})")
+        gas = total // (micro * layout.dp)
+    if total is not None and total != micro * gas * layout.dp:
+        raise ParallelConfigError(f"train_batch_size ({total}) != micro batch ({micro}) x gradient accumulation "
+                                  f"({gas}) x data-parallel size ({layout.dp})")
+    return micro, int(gas)
+
+
+def _param_groups(module: torch.nn.Module) -> list[dict[str, Any]]:
+    """Megatron's rule: no weight decay on biases and norm weights (every 1-D parameter)."""
+    decay, no_decay, seen = [], [], set()
+    for p in module.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.dim() < 2 else decay).append(p)
+    groups = [{"params": decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class TrainEngine:
+    """Training and evaluation steps with per-lane memory, checkpoints, for any layout."""
+
+    def __init__(self, ds_engine: Any, config: TransformerLSConfig, layout: Layout, micro_batch_size: int,
+                 grad_accum_steps: int) -> None:
+        self.engine = ds_engine
+        self.config = config
+        self.layout = layout
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum_steps = grad_accum_steps
+        self.pipelined = layout.pp > 1
+        self._memory: dict[str, dict[int, Memory]] = {}  # pp = 1 only; stages keep theirs with pp > 1
+        self._grad_norm: float | None = None
+        self._lr: float | None = None
+        self._act_shape: tuple[int, ...] | None = None
+        self._pre_step_hooks: list = []
+        self._wrap_model_step()
+
+    # ---- properties the loop logs ---------------------------------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def grad_norm(self) -> float | None:
+        """Global gradient 2-norm of the last step (before clipping), identical on every rank."""
+        return self._grad_norm
+
+    @property
+    def lr(self) -> float | None:
+        """Learning rate the last step applied."""
+        return self._lr
+
+    @property
+    def global_steps(self) -> int:
+        return self.engine.global_steps
+
+    # ---- the step -------------------------------------------------------------------------------------------------
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """One optimizer step on this DP rank's lanes (G/dp, N); returns the global mean loss in nats per token."""
+        self._check_batch(inputs, targets, self.micro_batch_size * self.grad_accum_steps, "train_step")
+        inputs, targets = inputs.to(self.layout.device), targets.to(self.layout.device)
+        self._lr = float(self.engine.get_lr()[0])
+        self._grad_norm = None
+        if self.pipelined:
+            self._set_activation_shape(inputs.shape[1:], self.micro_batch_size)
+            self.module.set_stream(TRAIN)
+            loss = self.engine.train_batch(self._micro_batches(inputs, targets, self.micro_batch_size))
+            loss = float(loss)
+        else:
+            loss = self._train_step_local(inputs, targets)
+        if self._grad_norm is None:
+            norm = self.engine.get_global_grad_norm()
+            self._grad_norm = None if norm is None else float(norm)
+        return loss
+
+    def _train_step_local(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        self.engine.train()
+        memory = self._memory.setdefault(TRAIN, {})
+        total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
+        mb = self.micro_batch_size
+        for i in range(self.grad_accum_steps):
+            rows = slice(i * mb, (i + 1) * mb)
+            nats, memory[i] = self.engine(inputs[rows], memory=self._lane_memory(memory.get(i), mb),
+                                          labels=targets[rows])
+            loss = nats.mean()
+            self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+            self.engine.step()  # steps the optimizer only at the accumulation boundary
+            total += loss.detach().double()
+        total /= self.grad_accum_steps
+        if self.layout.dp > 1:
+            dist.all_reduce(total, group=mpu.get_data_parallel_group())
+            total /= self.layout.dp
+        return float(total)
+
+    def _lane_memory(self, memory: Memory | None, rows: int) -> Memory | None:
+        if memory and memory[0].shape[0] != rows:
+            raise ValueError(f"the memory holds {memory[0].shape[0]} lanes per micro-batch, the batch {rows}; "
+                             "reset_memory() when the lane layout changes")
+        return memory
+
+    # ---- evaluation -----------------------------------------------------------------------------------------------
+    def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+        """Forward only, with the evaluation memory: (sum of nats, token count) over all DP ranks' lanes."""
+        if inputs.dim() != 2 or inputs.shape != targets.shape:
+            raise ValueError(f"eval_step: inputs and targets must both be (lanes, N), got {tuple(inputs.shape)} "
+                             f"and {tuple(targets.shape)}")
+        inputs, targets = inputs.to(self.layout.device), targets.to(self.layout.device)
+        lanes = inputs.shape[0]
+        mb = self.micro_batch_size if lanes % self.micro_batch_size == 0 else lanes
+        if self.pipelined:
+            sums = self._eval_step_pipelined(inputs, targets, mb)
+        else:
+            sums = self._eval_step_local(inputs, targets, mb)
+        if self.layout.dp > 1:
+            dist.all_reduce(sums, group=mpu.get_data_parallel_group())
+        return float(sums[0]), int(sums[1])
+
+    def _eval_step_local(self, inputs: torch.Tensor, targets: torch.Tensor, mb: int) -> torch.Tensor:
+        memory = self._memory.setdefault(EVAL, {})
+        sums = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                for i in range(inputs.shape[0] // mb):
+                    rows = slice(i * mb, (i + 1) * mb)
+                    nats, memory[i] = self.engine(inputs[rows], memory=self._lane_memory(memory.get(i), mb),
+                                                  labels=targets[rows])
+                    sums[0] += nats.double().sum()
+                    sums[1] += nats.numel()
+        finally:
+            self.engine.train()
+        return sums
+
+    def _eval_step_pipelined(self, inputs: torch.Tensor, targets: torch.Tensor, mb: int) -> torch.Tensor:
+        module, loss_fn = self.module, self.module.pipe_loss
+        self._set_activation_shape(inputs.shape[1:], mb)
+        module.set_stream(EVAL)
+        loss_fn.accumulate, loss_fn.sum_nats, loss_fn.tokens = True, 0.0, 0
+        try:
+            self.engine.eval_batch(self._micro_batches(inputs, targets, mb), num_micro_batches=inputs.shape[0] // mb)
+        finally:
+            loss_fn.accumulate = False
+            module.set_stream(TRAIN)
+        sums = torch.tensor([loss_fn.sum_nats, float(loss_fn.tokens)], dtype=torch.float64, device=self.layout.device)
+        last = (self.layout.pp - 1) * self.layout.dp * self.layout.tp + self.layout.dp_rank * self.layout.tp \
+            + self.layout.tp_rank  # the last stage of this rank's pipeline (mpu rank order)
+        dist.broadcast(sums, src=last, group=mpu.get_pipeline_model_parallel_group())
+        return sums
+
+    # ---- memory ---------------------------------------------------------------------------------------------------
+    def reset_memory(self, stream: str | None = None) -> None:
+        """Forget the memory of one stream ("train" / "eval") or of both: the lanes restart."""
+        if self.pipelined:
+            self.module.reset_memory(stream)
+        elif stream is None:
+            self._memory.clear()
+        else:
+            self._memory.pop(stream, None)
+
+    def memory_state_dict(self) -> dict[str, Any]:
+        """This rank's memory cache (CPU tensors): part of the state an exact resume needs."""
+        if self.pipelined:
+            return {"pipeline": True, "memory": self.module.memory_state_dict()}
+        return {"pipeline": False,
+                "memory": {s: {i: [m.detach().cpu().clone() for m in mem] for i, mem in store.items()}
+                           for s, store in self._memory.items()}}
+
+    def load_memory_state_dict(self, state: dict[str, Any]) -> None:
+        if bool(state.get("pipeline")) != self.pipelined:
+            raise ValueError("the memory state was saved with a different pipeline layout; resume with the same "
+                             "--pipeline-model-parallel-size or reset the memory")
+        if self.pipelined:
+            self.module.load_memory_state_dict(state["memory"], self.layout.device)
+            return
+        self._memory = {s: {int(i): [m.to(self.layout.device) for m in mem] for i, mem in store.items()}
+                        for s, store in state["memory"].items()}
+
+    # ---- checkpoints (DeepSpeed's format) ---------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any] | None = None,
+                        save_latest: bool = True) -> None:
+        """save_latest=False leaves `latest` alone (the caller writes it once the checkpoint is complete)."""
+        self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest)
+
+    def load_checkpoint(self, load_dir: str, tag: str | None = None, load_optimizer_states: bool = True,
+                        load_module_only: bool = False) -> tuple[str | None, dict[str, Any] | None]:
+        """(path loaded or None, client_state); module only = weights only (the paper's phase change)."""
+        return self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
+                                           load_lr_scheduler_states=not load_module_only,
+                                           load_module_only=load_module_only)
+
+    # ---- helpers --------------------------------------------------------------------------------------------------
+    def add_pre_step_hook(self, hook) -> None:
+        """hook() runs on every rank just before the optimizer step, gradients reduced (tests read them here)."""
+        self._pre_step_hooks.append(hook)
+
+    def _wrap_model_step(self) -> None:
+        # Runs where the reduced gradients still exist: just before the step (DeepSpeedEngine.step and the pipeline's
+        # optimizer step both call _take_model_step). For ZeRO 0 in fp32 DeepSpeed reports no norm, and under a
+        # pipeline its clip_grad_norm_ counts replicated parameters on the first stage only (it takes the rank in the
+        # pipe x tensor group for the tensor-parallel rank), so there we measure and clip ourselves.
+        engine = self.engine
+        self._own_clipping = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled()
+                                                                            or engine.fp16_enabled())
+        self._clip = float(engine.gradient_clipping() or 0.0)
+        if self._own_clipping:
+            engine._config.gradient_clipping = 0.0
+        take_step = engine._take_model_step
+
+        def wrapped(*args, **kwargs):
+            for hook in self._pre_step_hooks:
+                hook()
+            if self._own_clipping:
+                self._grad_norm = self._local_grad_norm()
+                if self._clip > 0:
+                    coef = self._clip / (self._grad_norm + 1e-6)  # DeepSpeed's formula
+                    if coef < 1.0:
+                        for p in self.module.parameters():
+                            if p.grad is not None:
+                                p.grad.mul_(coef)
+            return take_step(*args, **kwargs)
+
+        engine._take_model_step = wrapped
+
+    def _local_grad_norm(self) -> float:
+        """2-norm of the (DP-reduced) gradients over the model: TP-replicated and pipeline-tied copies once."""
+        tp_rank = mpu.get_tensor_model_parallel_rank()
+        total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
+        for p in self.module.parameters():
+            if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+                continue
+            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                total += p.grad.detach().double().pow(2).sum()
+        for size, group in ((self.layout.tp, mpu.get_tensor_model_parallel_group()),
+                            (self.layout.pp, mpu.get_pipeline_model_parallel_group())):
+            if size > 1:
+                dist.all_reduce(total, group=group)
+        return math.sqrt(float(total))
+
+    def _micro_batches(self, inputs: torch.Tensor, targets: torch.Tensor, mb: int):
+        for i in range(inputs.shape[0] // mb):
+            rows = slice(i * mb, (i + 1) * mb)
+            index = torch.tensor([i], dtype=torch.long, device=inputs.device)
+            yield (inputs[rows], index), targets[rows]
+
+    def _set_activation_shape(self, segment_shape: torch.Size, mb: int) -> None:
+        # The pipeline engine caches its receive buffers by shape: tell it when the shape changes.
+        shape = (mb, *segment_shape)
+        if self._act_shape is not None and shape != self._act_shape:
+            self.engine.reset_activation_shape()
+        self._act_shape = shape
+
+    def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor, lanes: int, where: str) -> None:
+        if inputs.dim() != 2 or inputs.shape != targets.shape or inputs.shape[0] != lanes:
+            raise ValueError(f"{where}: inputs and targets must both be ({lanes}, N) = micro batch "
+                             f"{self.micro_batch_size} x accumulation {self.grad_accum_steps} lanes of this DP rank; "
+                             f"got {tuple(inputs.shape)} and {tuple(targets.shape)}")
+
+
+def build_engine(config: TransformerLSConfig, ds_config: dict[str, Any], layout: Layout, seed: int,
+                 checkpoint_activations: bool = False) -> TrainEngine:
+    """Seed, build the model for the layout (TransformerLSLM, or its PipelineModule with pp > 1), start DeepSpeed."""
+    validate_layout(layout.world_size, layout.tp, layout.pp, config)
+    micro, gas = check_ds_config(ds_config, layout)
+    ds_config = dict(ds_config)
+    ds_config.setdefault("gradient_accumulation_steps", gas)
+
+    model_parallel_seed(seed)
+    if checkpoint_activations:
+        configure_activation_checkpointing(num_layers=config.num_layers)
+    if layout.pp > 1:
+        from megatron_ls.model.pipeline import TransformerLSPipe, build_topology
+
+        model = TransformerLSPipe(config, build_topology(layout.pp, layout.tp, layout.dp),
+                                  checkpoint_activations=checkpoint_activations)
+        mpu_arg = None  # DeepSpeed takes the PipelineModule's grid (same rank order as our mpu)
+    else:
+        model = TransformerLSLM(config)
+        model.checkpoint_activations = checkpoint_activations
+        mpu_arg = mpu
+    model.to(layout.device)
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model), config=ds_config,
+                                              mpu=mpu_arg)
+    return TrainEngine(ds_engine, config, layout, micro, gas)

@@ -1,0 +1,132 @@
+"""Shared pieces of the parallel-equivalence tests: a tiny model, streams of tokens, one training run per rank.
+
+`train_and_record` runs on every rank of a spawned group: it builds the engine for a layout, trains a few steps on
+consecutive segments of fixed lanes (so the memory is used), and writes what this rank saw (losses, grad norms, and
+its gradients gathered over TP and DP, named as in TransformerLSLM) to out_dir/rank{r}.pt for the parent to compare.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.parallel import mpu
+from megatron_ls.parallel.mappings import gather_from_tensor_model_parallel_region
+
+SEQ, STEPS, LANES, SEED = 16, 3, 4, 1234
+
+
+def tiny_config(**overrides: Any) -> TransformerLSConfig:
+    # vocab 27 is padded to 28 under TP=2: the padding columns are exercised too.
+    base = dict(vocab_size=27, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                window_size=16, chunk_size=8, chunk_rank=1, mem_length=16, dropout=0.0, seq_length=SEQ)
+    return TransformerLSConfig(**{**base, **overrides})
+
+
+def ds_config(zero_stage: int, micro: int, dp: int, **extra: Any) -> dict[str, Any]:
+    cfg = {"train_batch_size": LANES, "train_micro_batch_size_per_gpu": micro,
+           "gradient_accumulation_steps": LANES // (micro * dp),
+           # SGD, not Adam: Adam's first step is lr * sign(g), which turns rounding noise on (near-)zero
+           # gradients into full-size updates and would hide real differences behind fake ones.
+           "optimizer": {"type": "SGD", "params": {"lr": 0.3, "weight_decay": 0.01}},
+           "zero_allow_untested_optimizer": True,
+           "gradient_clipping": 1.0,  # active: the first step's norm is about 1.2
+           "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    cfg.update(extra)
+    return cfg
+
+
+def streams(vocab: int = 27, lanes: int = LANES, steps: int = STEPS, seq: int = SEQ) -> torch.Tensor:
+    """(lanes, steps * seq + 1) tokens: each lane is one continuous stream."""
+    return torch.randint(0, vocab, (lanes, steps * seq + 1), generator=torch.Generator().manual_seed(7))
+
+
+def segment(data: torch.Tensor, step: int, seq: int = SEQ) -> tuple[torch.Tensor, torch.Tensor]:
+    window = data[:, step * seq: (step + 1) * seq + 1]
+    return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+
+def full_gradients(engine) -> dict[str, torch.Tensor]:
+    """This rank's gradients, reduced over DP and gathered over TP, keyed by TransformerLSLM parameter name."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from megatron_ls.model.pipeline import pipe_to_lm_name
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        g = safe_get_full_grad(p)
+        if g is None:
+            continue
+        g = g.detach().float().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+        if getattr(p, "tensor_model_parallel", False):
+            dim = p.partition_dim
+            g = gather_from_tensor_model_parallel_region(g.transpose(dim, -1).contiguous()).transpose(dim, -1)
+        if engine.pipelined:
+            name = pipe_to_lm_name(name, engine.config.num_layers, engine.config.tie_embeddings)
+        if name in ("embedding.weight", "output.weight"):
+            # Rows past the vocabulary are TP padding: never read, masked in the logits, so no gradient.
+            vocab = engine.config.vocab_size
+            assert not g[vocab:].any(), f"{name}: gradient on padding rows"
+            g = g[:vocab]
+        out[name] = g.clone().cpu()
+    return out
+
+
+def train_and_record(rank: int, world: int, out_dir: str, tp: int, pp: int, zero_stages: tuple[int, ...],
+                     micro: int = 1, checkpoint_activations: bool = False, config_overrides: dict | None = None,
+                     with_grads: bool = True, eval_steps: int = 0) -> None:
+    from megatron_ls.training.distributed import init_distributed
+    from megatron_ls.training.engine import build_engine
+
+    config = tiny_config(**(config_overrides or {}))
+    layout = init_distributed(tp, pp, config)
+    data = streams()
+    per_rank = LANES // layout.dp
+    lanes = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
+    results = {}
+    for stage in zero_stages:
+        engine = build_engine(config, ds_config(stage, micro, layout.dp), layout, seed=SEED,
+                              checkpoint_activations=checkpoint_activations)
+        grads: list[dict[str, torch.Tensor]] = []
+        if with_grads:
+            engine.add_pre_step_hook(lambda e=engine, g=grads: g.append(full_gradients(e)))
+        losses, norms, evals = [], [], []
+        for step in range(STEPS):
+            x, y = segment(data, step)
+            losses.append(engine.train_step(x[lanes], y[lanes]))
+            norms.append(engine.grad_norm)
+        for step in range(eval_steps):
+            x, y = segment(data, step)
+            evals.append(engine.eval_step(x[lanes], y[lanes]))
+        results[stage] = {"losses": losses, "norms": norms, "grads": grads, "evals": evals}
+        del engine
+    torch.save({"layout": dict(tp=layout.tp, pp=layout.pp, dp=layout.dp, pp_rank=layout.pp_rank,
+                               dp_rank=layout.dp_rank, tp_rank=layout.tp_rank), "results": results},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    mpu.destroy_model_parallel()
+
+
+def load_ranks(out_dir: str, world: int) -> list[dict[str, Any]]:
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def merged_grads(ranks: list[dict[str, Any]], stage: int, step: int) -> dict[str, torch.Tensor]:
+    """One model's gradients from the ranks of DP replica 0: the union over pipeline stages (TP already gathered).
+
+    A name held by several ranks (TP ranks, or the tied embedding on the first and last stage) must agree.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    for r in ranks:
+        if r["layout"]["dp_rank"] != 0:
+            continue
+        for name, g in r["results"][stage]["grads"][step].items():
+            if name in merged:
+                torch.testing.assert_close(g, merged[name], rtol=0, atol=0, msg=f"{name} differs between ranks")
+            else:
+                merged[name] = g
+    return merged
