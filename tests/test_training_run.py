@@ -1,0 +1,123 @@
+"""pretrain_char_lm.py end to end in one process: exact resume, a crash inside a save, SIGTERM, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from training_utils import ROOT, SCRIPT, TINY, env, error_lines, make_shards, metrics, run, train_losses
+
+pytestmark = pytest.mark.slow
+ITERS = 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return make_shards(str(tmp_path_factory.mktemp("data") / "pydoc"))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> str:
+    """An uninterrupted run of ITERS steps."""
+    save = str(tmp_path_factory.mktemp("reference"))
+    r = run(["--data-path", data, *TINY, "--train-iters", str(ITERS), "--save", save])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return save
+
+
+def _losses_and_evals(save: str) -> list[tuple]:
+    return [(r["iteration"], r.get("lm_loss"), r.get("valid_loss")) for r in metrics(save)]
+
+
+@pytest.mark.timeout(300)
+def test_exact_resume_is_bitwise(data, reference, tmp_path):
+    save = str(tmp_path / "ck")
+    first = run(["--data-path", data, *TINY, "--train-iters", str(ITERS), "--save", save,
+                 "--exit-interval", str(ITERS // 2)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "--exit-interval 4: stopped at iteration 4" in first.stdout
+    second = run(["--data-path", data, *TINY, "--train-iters", str(ITERS), "--save", save, "--load", save])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "iter_0000004" in second.stdout
+    ref = _losses_and_evals(reference)
+    assert len(train_losses(reference)) == ITERS
+    assert _losses_and_evals(save) == ref  # floats from JSON: bitwise equality of every loss
+    losses = [loss for _, loss in train_losses(reference)]
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_inside_save_resumes_from_last_complete(data, reference, tmp_path):
+    save = str(tmp_path / "ck")
+    crashed = run(["--data-path", data, *TINY, "--train-iters", str(ITERS), "--save", save, "--save-interval", "3"],
+                  extra_env={"MEGATRON_LS_TEST_CRASH_IN_SAVE": "6"})
+    assert crashed.returncode == -signal.SIGKILL
+    assert open(os.path.join(save, "latest")).read().strip() == "iter_0000003"
+    assert os.path.isdir(os.path.join(save, "iter_0000006.partial"))  # the interrupted save, never loaded
+    resumed = run(["--data-path", data, *TINY, "--train-iters", str(ITERS), "--save", save, "--load", save,
+                   "--save-interval", "3"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "iter_0000003" in resumed.stdout
+    assert _losses_and_evals(save) == _losses_and_evals(reference)  # steps 4..6 redone identically
+    assert not os.path.exists(os.path.join(save, "iter_0000006.partial"))
+    assert open(os.path.join(save, "latest")).read().strip() == f"iter_{ITERS:07d}"
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_saves_and_exits_zero(data, tmp_path):
+    save = str(tmp_path / "ck")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--data-path", data, *TINY, "--train-iters", "100000",
+                             "--save", save, "--eval-interval", "0", "--eval-iters", "0"],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        path = os.path.join(save, "metrics.jsonl")
+        while not (os.path.exists(path) and len(open(path).readlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    tag = open(os.path.join(save, "latest")).read().strip()
+    it = int(tag.split("_")[1])
+    assert f"received SIGTERM: stopped at iteration {it} after saving {tag}" in out
+    assert json.load(open(os.path.join(save, tag, "run_state.json")))["iteration"] == it
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["no-data-path", "vocab", "chunk", "missing-ckpt", "ds-json"])
+def test_bad_inputs_one_clear_message(data, tmp_path, case):
+    args = ["--data-path", data, *TINY, "--train-iters", "2"]
+    if case == "no-data-path":
+        args, want = args[2:], "--data-path is required"
+    elif case == "vocab":  # text8's 27-symbol model on byte-level shards
+        args, want = args + ["--vocab-size", "27"], "have a vocabulary of 256 (byte tokenizer"
+    elif case == "chunk":
+        args, want = args + ["--seq-length", "36"], "--seq-length (36) must be a multiple of --chunk-size (8)"
+    elif case == "missing-ckpt":
+        args, want = args + ["--load", str(tmp_path / "nothing")], "checkpoint directory not found"
+    else:
+        cfg = tmp_path / "ds.json"
+        cfg.write_text(json.dumps({"train_batch_size": 64, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}))
+        args, want = args + ["--deepspeed_config", str(cfg)], "--global-batch-size 4 contradicts train_batch_size = 64"
+    r = run(args, timeout=120)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and want in lines[0], r.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_preset_vocabulary_mismatch(data):
+    r = run(["--data-path", data, "--preset", "text8-12l", "--train-iters", "1"], timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    (line,) = error_lines(r.stderr)
+    assert "vocabulary of 256" in line and "model's is 27 (--preset text8-12l)" in line
