@@ -40,9 +40,9 @@ def ds_config(zero_stage: int, micro: int, dp: int, **extra: Any) -> dict[str, A
     return cfg
 
 
-def streams(vocab: int = 27, lanes: int = LANES, steps: int = STEPS, seq: int = SEQ) -> torch.Tensor:
+def streams(vocab: int = 27, lanes: int = LANES, steps: int = STEPS, seq: int = SEQ, seed: int = 7) -> torch.Tensor:
     """(lanes, steps * seq + 1) tokens: each lane is one continuous stream."""
-    return torch.randint(0, vocab, (lanes, steps * seq + 1), generator=torch.Generator().manual_seed(7))
+    return torch.randint(0, vocab, (lanes, steps * seq + 1), generator=torch.Generator().manual_seed(seed))
 
 
 def segment(data: torch.Tensor, step: int, seq: int = SEQ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,34 +76,77 @@ def full_gradients(engine) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_and_record(rank: int, world: int, out_dir: str, tp: int, pp: int, zero_stages: tuple[int, ...],
-                     micro: int = 1, checkpoint_activations: bool = False, config_overrides: dict | None = None,
-                     with_grads: bool = True, eval_steps: int = 0) -> None:
+def _count_attention_calls(module: torch.nn.Module) -> list[int]:
+    """A counter of attention forwards: a checkpointed layer runs its attention twice (forward + recompute)."""
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+
+    for name, sub in module.named_modules():
+        if name.endswith("attention"):
+            sub.register_forward_pre_hook(hook)
+    return calls
+
+
+def _run(engine_factory, layout, plan: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """Train STEPS steps of consecutive segments on this DP rank's lanes, as `plan` says."""
+    data, eval_data = streams(), streams(lanes=LANES, seed=8)
+    per_rank = LANES // layout.dp
+    lanes = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
+    engine = engine_factory()
+    grads: list[dict[str, torch.Tensor]] = []
+
+    def watch(e) -> list[int]:
+        if plan.get("grads", True):
+            e.add_pre_step_hook(lambda: grads.append(full_gradients(e)))
+        return _count_attention_calls(e.module)
+
+    calls = watch(engine)
+    losses, norms, lrs, evals = [], [], [], []
+    for step in range(STEPS):
+        if step == plan.get("resume_at"):
+            # Save, start a fresh engine (fresh weights), load: the run must continue as if never stopped.
+            ckpt = os.path.join(out_dir, "ckpt")
+            engine.save_checkpoint(ckpt, tag=f"step{step}", client_state={"step": step})
+            memory = engine.memory_state_dict()
+            engine = engine_factory()
+            path, client = engine.load_checkpoint(ckpt, tag=f"step{step}")
+            assert path is not None and client["step"] == step, (path, client)
+            engine.load_memory_state_dict(memory)
+            calls = watch(engine)
+        if plan.get("memory_roundtrip") and step > 0:
+            state = engine.memory_state_dict()
+            engine.reset_memory()
+            engine.load_memory_state_dict(state)
+        if plan.get("reset_each_step"):
+            engine.reset_memory("train")
+        x, y = segment(data, step)
+        losses.append(engine.train_step(x[lanes], y[lanes]))
+        norms.append(engine.grad_norm)
+        lrs.append(engine.lr)
+        if plan.get("evals"):
+            ex, ey = segment(eval_data, step)
+            evals.append(engine.eval_step(ex[lanes], ey[lanes]))
+    return {"losses": losses, "norms": norms, "lrs": lrs, "grads": grads, "evals": evals,
+            "attention_calls": calls[0]}
+
+
+def train_and_record(rank: int, world: int, out_dir: str, tp: int, pp: int, plans: list[dict[str, Any]],
+                     config_overrides: dict | None = None, micro: int = 1) -> None:
+    """Run each plan ({"zero": stage, "ckpt": bool, "evals": bool, ...}) in this process group; save the results."""
     from megatron_ls.training.distributed import init_distributed
     from megatron_ls.training.engine import build_engine
 
     config = tiny_config(**(config_overrides or {}))
     layout = init_distributed(tp, pp, config)
-    data = streams()
-    per_rank = LANES // layout.dp
-    lanes = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
-    results = {}
-    for stage in zero_stages:
-        engine = build_engine(config, ds_config(stage, micro, layout.dp), layout, seed=SEED,
-                              checkpoint_activations=checkpoint_activations)
-        grads: list[dict[str, torch.Tensor]] = []
-        if with_grads:
-            engine.add_pre_step_hook(lambda e=engine, g=grads: g.append(full_gradients(e)))
-        losses, norms, evals = [], [], []
-        for step in range(STEPS):
-            x, y = segment(data, step)
-            losses.append(engine.train_step(x[lanes], y[lanes]))
-            norms.append(engine.grad_norm)
-        for step in range(eval_steps):
-            x, y = segment(data, step)
-            evals.append(engine.eval_step(x[lanes], y[lanes]))
-        results[stage] = {"losses": losses, "norms": norms, "grads": grads, "evals": evals}
-        del engine
+    results = []
+    for plan in plans:
+        def factory(plan=plan):
+            return build_engine(config, ds_config(plan.get("zero", 0), micro, layout.dp), layout, seed=SEED,
+                                checkpoint_activations=plan.get("ckpt", False))
+
+        results.append(_run(factory, layout, plan, out_dir))
     torch.save({"layout": dict(tp=layout.tp, pp=layout.pp, dp=layout.dp, pp_rank=layout.pp_rank,
                                dp_rank=layout.dp_rank, tp_rank=layout.tp_rank), "results": results},
                os.path.join(out_dir, f"rank{rank}.pt"))
@@ -115,7 +158,7 @@ def load_ranks(out_dir: str, world: int) -> list[dict[str, Any]]:
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
-def merged_grads(ranks: list[dict[str, Any]], stage: int, step: int) -> dict[str, torch.Tensor]:
+def merged_grads(ranks: list[dict[str, Any]], run: int, step: int) -> dict[str, torch.Tensor]:
     """One model's gradients from the ranks of DP replica 0: the union over pipeline stages (TP already gathered).
 
     A name held by several ranks (TP ranks, or the tied embedding on the first and last stage) must agree.
@@ -124,9 +167,38 @@ def merged_grads(ranks: list[dict[str, Any]], stage: int, step: int) -> dict[str
     for r in ranks:
         if r["layout"]["dp_rank"] != 0:
             continue
-        for name, g in r["results"][stage]["grads"][step].items():
+        for name, g in r["results"][run]["grads"][step].items():
             if name in merged:
                 torch.testing.assert_close(g, merged[name], rtol=0, atol=0, msg=f"{name} differs between ranks")
             else:
                 merged[name] = g
     return merged
+
+
+def assert_same_training(base: list[dict[str, Any]], other: list[dict[str, Any]], run: int,
+                         loss_rtol: float = 1e-5, grad_rtol: float = 1e-4) -> None:
+    """`other`'s run matches the one-process baseline (run 0 of `base`): losses, grad norms, gradients, evals.
+
+    Gradients: per tensor, |g - g_ref| <= grad_rtol * |g_ref| + 1e-6 * |G_ref| (2-norms; G the whole gradient). The
+    second term is for tensors whose exact gradient is zero (e.g. the bias of the dynamic projection, which a softmax
+    over chunk positions cancels) and which hold rounding noise only.
+    """
+    ref = base[0]["results"][0]
+    for r in other:
+        got = r["results"][run]
+        torch.testing.assert_close(torch.tensor(got["losses"], dtype=torch.float64),
+                                   torch.tensor(ref["losses"], dtype=torch.float64), rtol=loss_rtol, atol=0)
+        torch.testing.assert_close(torch.tensor(got["norms"], dtype=torch.float64),
+                                   torch.tensor(ref["norms"], dtype=torch.float64), rtol=grad_rtol, atol=0)
+        assert len(got["evals"]) == len(ref["evals"])
+        for (s, n), (s_ref, n_ref) in zip(got["evals"], ref["evals"]):
+            assert n == n_ref
+            assert abs(s - s_ref) <= loss_rtol * abs(s_ref), (s, s_ref)
+    for step in range(len(ref["grads"])):
+        want, have = merged_grads(base, 0, step), merged_grads(other, run, step)
+        assert set(have) == set(want), set(have) ^ set(want)
+        total = torch.sqrt(sum(g.double().pow(2).sum() for g in want.values()))
+        for name, g_ref in want.items():
+            err = (have[name].double() - g_ref.double()).norm()
+            bound = grad_rtol * g_ref.double().norm() + 1e-6 * total
+            assert err <= bound, f"step {step} {name}: |diff| {err:.3e} > {bound:.3e} (|g| {g_ref.norm():.3e})"
