@@ -121,3 +121,31 @@ def test_preset_vocabulary_mismatch(data):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     (line,) = error_lines(r.stderr)
     assert "vocabulary of 256" in line and "model's is 27 (--preset text8-12l)" in line
+
+
+@pytest.mark.timeout(300)
+def test_finetune_loads_weights_only(data, reference, tmp_path):
+    """The paper's phase change: longer segments, weights from the previous phase, everything else fresh."""
+    save = str(tmp_path / "phase2")
+    tiny = [a if a != "32" else "64" for a in TINY]  # window/seq/mem follow; width 32 -> 64 is undone below
+    tiny[tiny.index("--hidden-size") + 1] = "32"
+    r = run(["--data-path", data, *tiny, "--train-iters", "2", "--load", reference, "--finetune", "--save", save])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "loaded the weights of" in r.stdout and f"iter_{ITERS:07d}" in r.stdout
+    assert [it for it, _ in train_losses(save)] == [1, 2]  # a fresh iteration count
+    first_fresh = train_losses(reference)[0][1]
+    assert train_losses(save)[0][1] < first_fresh  # starts from the trained weights, not from scratch
+
+
+@pytest.mark.timeout(300)
+def test_nonfinite_loss_skips_and_stops(data, tmp_path):
+    """An absurd learning rate makes the loss NaN from step 2: each update is skipped, then a clear stop."""
+    save = str(tmp_path / "ck")
+    r = run(["--data-path", data, *TINY, "--train-iters", "50", "--lr", "1e30", "--lr-warmup-iters", "0",
+             "--max-nonfinite-steps", "3", "--eval-iters", "0", "--save", save])
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    (line,) = error_lines(r.stderr)
+    assert "for 3 steps in a row" in line and "every update was skipped" in line
+    recs = metrics(save)
+    assert recs[-1]["skipped"] == 1 and recs[-1]["lm_loss"] is None
+    assert not os.path.exists(os.path.join(save, "latest"))  # a broken state is not saved
