@@ -1,0 +1,100 @@
+"""tools/convert_checkpoint.py: training checkpoint <-> consolidated inference checkpoint, and TP/PP resharding.
+
+    --load CKPT_DIR --output DIR                              training (any TP x PP x ZeRO) -> consolidated
+    --load DIR --output CKPT_DIR --target-tp N --target-pp M  consolidated (or training) -> training layout
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+from megatron_ls.inference.errors import InferenceError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="a training checkpoint folder (with 'latest') or a consolidated one")
+    p.add_argument("--output", required=True, help="the folder to write")
+    p.add_argument("--target-tp", type=int, default=None, help="write a training layout with this TP degree")
+    p.add_argument("--target-pp", type=int, default=None, help="... and this pipeline degree")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights of the consolidated checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --output")
+    return p.parse_args(argv)
+
+
+def _read_source(path: str):
+    """(TP=1 fp32 state dict, config, tokenizer description, base dir of the tokenizer, iteration)."""
+    from megatron_ls.inference.consolidated import TOKENIZER, is_consolidated, read_config
+
+    if is_consolidated(path):
+        import json
+
+        from safetensors.torch import load_file
+
+        from megatron_ls.inference.consolidated import WEIGHTS, check_weights
+
+        config = read_config(path)
+        state = {k: v.float() for k, v in load_file(os.path.join(path, WEIGHTS)).items()}
+        check_weights(state, config, f"the weights of {path}")
+        tok_file = os.path.join(path, TOKENIZER)
+        tokenizer = json.load(open(tok_file)) if os.path.isfile(tok_file) else None
+        return state, config, tokenizer, path, 0
+    from megatron_ls.checkpoint_convert.read_training import read_training_checkpoint
+
+    with contextlib.redirect_stdout(sys.stderr):  # zero_to_fp32 prints its progress
+        ckpt, state = read_training_checkpoint(path)
+    data_path = (ckpt.info.get("run") or {}).get("data_path")
+    base = os.path.dirname(os.path.abspath(data_path)) if data_path else ckpt.path
+    return state, ckpt.config, ckpt.tokenizer, base, int(ckpt.info.get("iteration", 0))
+
+
+def convert(args: argparse.Namespace) -> str:
+    from megatron_ls.checkpoint_convert.read_training import is_training_checkpoint
+    from megatron_ls.inference.consolidated import check_weights, is_consolidated, save_consolidated
+
+    to_training = args.target_tp is not None or args.target_pp is not None
+    if not os.path.isdir(args.load):
+        raise InferenceError(f"--load {args.load}: folder not found")
+    if not to_training and is_consolidated(args.load):
+        raise InferenceError(f"--load {args.load} is already a consolidated checkpoint; pass --target-tp / "
+                             "--target-pp to write a training layout from it")
+    if not is_consolidated(args.load) and not is_training_checkpoint(args.load):
+        raise InferenceError(f"--load {args.load} holds no checkpoint: no 'latest' file naming a training checkpoint "
+                             "and no config.json + model.safetensors")
+    existing = [n for n in ("latest", "model.safetensors") if os.path.exists(os.path.join(args.output, n))]
+    if existing and not args.overwrite:
+        raise InferenceError(f"--output {args.output} already holds a checkpoint ({existing[0]}); pass --overwrite")
+    state, config, tokenizer, base, iteration = _read_source(args.load)
+    if to_training:
+        from megatron_ls.checkpoint_convert.write_training import write_training_checkpoint
+
+        tp, pp = args.target_tp or 1, args.target_pp or 1
+        if tp < 1 or pp < 1:
+            raise InferenceError("--target-tp and --target-pp must be positive")
+        if tokenizer and tokenizer.get("type") == "sentencepiece" and not os.path.isabs(tokenizer["model"]):
+            tokenizer = dict(tokenizer, model=os.path.abspath(os.path.join(base, tokenizer["model"])))
+        path = write_training_checkpoint(args.output, state, config, tokenizer, tp, pp, iteration, source=args.load)
+        return f"wrote a TP={tp} x PP={pp} training checkpoint (weights only: resume it with --finetune) to {path}"
+    check_weights(state, config, f"the weights of {args.load}")
+    state = {k: v.to(DTYPES[args.dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    save_consolidated(args.output, state, config, tokenizer, tokenizer_base_dir=base)
+    n = sum(v.numel() for v in state.values())
+    return f"wrote the consolidated checkpoint ({n:,} parameters, {args.dtype}) to {args.output}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        print(convert(args))
+    except InferenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,105 @@
+"""Write TP=1 weights as a training checkpoint of another TP x PP layout (weights only).
+
+The files are the ones DeepSpeed itself writes for that layout, so the training engine's
+load_checkpoint(load_module_only=True) reads them (`pretrain_char_lm.py --load DIR --finetune` with the
+new --tensor-model-parallel-size / --pipeline-model-parallel-size, any data-parallel size, ZeRO 0-2):
+- pp = 1: mp_rank_XX_model_states.pt per TP rank, the weights under "module";
+- pp > 1: layer_II-model_XX-model_states.pt per pipeline layer and TP rank, plus one weight-less
+  mp_rank_XX_model_states.pt per (stage, TP rank), which DeepSpeed's pipeline engine opens first.
+Beside them run_state.json (model config, tokenizer, layout) and manifest.json as
+megatron_ls.training.checkpointing writes them, and `latest` last. There is no optimizer state: a
+converted checkpoint starts a new phase (--finetune), it cannot be an exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from typing import Any
+
+import torch
+
+from megatron_ls.checkpoint_convert.tp_shards import split_tp
+from megatron_ls.inference.errors import InferenceError
+from megatron_ls.model.config import TransformerLSConfig
+
+LATEST, MANIFEST, RUN_INFO = "latest", "manifest.json", "run_state.json"
+
+
+def _lm_to_pipe(name: str, num_layers: int) -> tuple[int, str]:
+    """(pipeline layer index, key inside that layer) of a TransformerLSLM parameter (inverse of pipe_to_lm_name)."""
+    if name.startswith("layers."):
+        index, rest = name[len("layers."):].split(".", 1)
+        return int(index) + 1, rest
+    if name.startswith("final_norm."):
+        return num_layers + 1, name[len("final_norm."):]
+    if name.startswith("embedding."):
+        return 0, name
+    if name.startswith("output."):
+        return num_layers + 2, name
+    raise InferenceError(f"cannot place parameter {name!r} in a pipeline layer")
+
+
+def _ds_header(tp: int, pp: int, iteration: int) -> dict[str, Any]:
+    try:
+        from deepspeed import __version__ as ds_version
+    except ImportError:
+        ds_version = "0.0.0"
+    return {"module": None, "buffer_names": [], "optimizer": None, "param_shapes": None,
+            "frozen_param_shapes": None, "shared_params": {}, "frozen_param_fragments": None,
+            "lr_scheduler": None, "data_sampler": None, "random_ltd": None, "sparse_tensor_module_names": set(),
+            "skipped_steps": 0, "global_steps": 0, "global_samples": 0, "dp_world_size": 1,
+            "mp_world_size": tp * pp, "ds_version": ds_version, "iteration": iteration,
+            "checkpoint_parallel_dimensions": {"tp_degree": tp, "pp_degree": pp}}
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def write_training_checkpoint(out_dir: str, state: dict[str, torch.Tensor], config: TransformerLSConfig,
+                              tokenizer: dict[str, Any] | None, tp: int, pp: int, iteration: int = 0,
+                              source: str | None = None) -> str:
+    """Write OUT/iter_XXXXXXX/ and OUT/latest; returns the tag folder."""
+    from megatron_ls.training.checkpointing import tag_name
+
+    if pp < 1 or pp > config.num_layers:
+        raise InferenceError(f"--target-pp {pp} must be between 1 and num_layers ({config.num_layers})")
+    shards = split_tp(state, config, tp)
+    tag = tag_name(iteration)
+    path = os.path.join(out_dir, tag)
+    os.makedirs(path, exist_ok=True)
+    header = _ds_header(tp, pp, iteration)
+    if pp == 1:
+        for rank, shard in enumerate(shards):
+            torch.save(dict(header, module=shard), os.path.join(path, f"mp_rank_{rank:02d}_model_states.pt"))
+    else:
+        for rank, shard in enumerate(shards):
+            layers: dict[int, dict[str, torch.Tensor]] = {}
+            for name, tensor in shard.items():
+                index, key = _lm_to_pipe(name, config.num_layers)
+                layers.setdefault(index, {})[key] = tensor
+            for index, layer_state in layers.items():
+                torch.save(layer_state, os.path.join(path, f"layer_{index:02d}-model_{rank:02d}-model_states.pt"))
+        for mp_rank in range(tp * pp):
+            torch.save(header, os.path.join(path, f"mp_rank_{mp_rank:02d}_model_states.pt"))
+    info = {"model": config.to_dict(), "tokenizer": tokenizer, "iteration": iteration, "world_size": tp * pp,
+            "layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                       "data_parallel_size": 1},
+            "converted_from": source, "weights_only": True}
+    with open(os.path.join(path, RUN_INFO), "w") as f:
+        json.dump(info, f, indent=2)
+    files = sorted(os.listdir(path))
+    manifest = {"iteration": iteration, "tag": tag, "world_size": tp * pp,
+                "files": {n: {"bytes": os.path.getsize(os.path.join(path, n)), "crc32": _crc32(os.path.join(path, n))}
+                          for n in files}}
+    with open(os.path.join(path, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    with open(os.path.join(out_dir, LATEST), "w") as f:
+        f.write(tag + "\n")
+    return path

@@ -1,0 +1,137 @@
+"""The consolidated inference checkpoint: one folder, no DeepSpeed needed to read it.
+
+    DIR/model.safetensors   TransformerLSLM's TP=1 state dict (fp32 unless converted otherwise)
+    DIR/config.json         TransformerLSConfig.to_dict()
+    DIR/tokenizer.json      the tokenizer description (megatron_ls.data build_tokenizer); a sentencepiece
+                            model file is copied beside it and named relative to DIR
+
+Nothing here imports deepspeed (megatron_ls.parallel.random falls back to a local RNG tracker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from megatron_ls.inference.errors import InferenceError
+from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.model.lm import TransformerLSLM
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+
+
+def is_consolidated(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(os.path.join(path, WEIGHTS))
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def save_consolidated(out_dir: str, state_dict: dict[str, torch.Tensor], config: TransformerLSConfig,
+                      tokenizer: dict[str, Any] | None, tokenizer_base_dir: str | None = None) -> None:
+    """Write DIR; `tokenizer_base_dir` resolves a relative sentencepiece model path of the description."""
+    from safetensors.torch import save_file
+
+    check_weights(state_dict, config, where="the weights to save")
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, os.path.join(out_dir, WEIGHTS),
+              metadata={"format": "pt", "model": "TransformerLSLM"})
+    _write_json(os.path.join(out_dir, CONFIG), config.to_dict())
+    if tokenizer is not None:
+        tokenizer = dict(tokenizer)
+        if tokenizer.get("type") == "sentencepiece":
+            src = tokenizer["model"]
+            if not os.path.isabs(src) and tokenizer_base_dir is not None:
+                src = os.path.join(tokenizer_base_dir, src)
+            if not os.path.isfile(src):
+                raise InferenceError(f"the sentencepiece model {src} named by the checkpoint's tokenizer is missing")
+            shutil.copyfile(src, os.path.join(out_dir, "tokenizer.model"))
+            tokenizer["model"] = "tokenizer.model"
+        _write_json(os.path.join(out_dir, TOKENIZER), tokenizer)
+
+
+def check_weights(state_dict: dict[str, torch.Tensor], config: TransformerLSConfig, where: str) -> None:
+    """One clear error when the weights are not those of TransformerLSLM(config) at TP=1."""
+    from megatron_ls.checkpoint_convert.tp_shards import expected_shapes
+
+    want = expected_shapes(config)
+    missing, unexpected = sorted(set(want) - set(state_dict)), sorted(set(state_dict) - set(want))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+        raise InferenceError(f"{where} do not match the model of the config ({'; '.join(parts)})")
+    for name, shape in want.items():
+        got = tuple(state_dict[name].shape)
+        if got != shape:
+            raise InferenceError(f"{where} do not match the config: {name} has shape {got}, the config "
+                                 f"(hidden_size {config.hidden_size}, vocab_size {config.vocab_size}, "
+                                 f"num_layers {config.num_layers}, ...) needs {shape}")
+
+
+def read_config(path: str) -> TransformerLSConfig:
+    file = os.path.join(path, CONFIG)
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+        return TransformerLSConfig.from_dict(raw)
+    except OSError as e:
+        raise InferenceError(f"cannot read {file}: {e.strerror}") from None
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise InferenceError(f"{file} is not a valid model config: {e}") from None
+
+
+def read_tokenizer(path: str):
+    """The tokenizer of DIR, or None when the folder has no tokenizer.json."""
+    from megatron_ls.data.errors import DataError
+    from megatron_ls.data.tokenizers import build_tokenizer
+
+    file = os.path.join(path, TOKENIZER)
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file) as f:
+            desc = json.load(f)
+        return build_tokenizer(desc, base_dir=path)
+    except (OSError, json.JSONDecodeError, KeyError, DataError) as e:
+        raise InferenceError(f"cannot build the tokenizer of {file}: {e}") from None
+
+
+def load_consolidated(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                      **config_overrides: Any) -> tuple[TransformerLSLM, Any]:
+    """(model in eval mode, tokenizer or None) from a consolidated folder; overrides e.g. attention_impl."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isdir(path):
+        raise InferenceError(f"model folder {path} not found")
+    if not os.path.isfile(os.path.join(path, WEIGHTS)):
+        raise InferenceError(f"{path} is not a consolidated checkpoint: no {WEIGHTS} (convert a training checkpoint "
+                             "with tools/convert_checkpoint.py --load CKPT_DIR --output DIR)")
+    config = read_config(path)
+    if config_overrides:
+        config = TransformerLSConfig.from_dict({**config.to_dict(), **config_overrides})
+    try:
+        state = load_file(os.path.join(path, WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise InferenceError(f"cannot read {os.path.join(path, WEIGHTS)}: {e}") from None
+    return build_model(state, config, device, dtype, where=f"the weights of {path}"), read_tokenizer(path)
+
+
+def build_model(state: dict[str, torch.Tensor], config: TransformerLSConfig, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None, where: str = "the weights") -> TransformerLSLM:
+    check_weights(state, config, where)
+    with torch.device("meta"):
+        model = TransformerLSLM(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.to(device=device, dtype=dtype or torch.float32)
+    return model.eval()

@@ -1,0 +1,48 @@
+"""Open a model from a consolidated folder or, converted in memory, from a training checkpoint."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from megatron_ls.inference.consolidated import build_model, is_consolidated, load_consolidated
+from megatron_ls.inference.errors import InferenceError
+from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.model.lm import TransformerLSLM
+
+
+def training_tokenizer(ckpt: Any):
+    """The tokenizer named in a training checkpoint's run_state.json (sentencepiece paths resolve from the data)."""
+    from megatron_ls.data.errors import DataError
+    from megatron_ls.data.tokenizers import build_tokenizer
+
+    if not ckpt.tokenizer:
+        return None
+    data_path = (ckpt.info.get("run") or {}).get("data_path")
+    base = os.path.dirname(os.path.abspath(data_path)) if data_path else ckpt.path
+    try:
+        return build_tokenizer(ckpt.tokenizer, base_dir=base)
+    except DataError as e:
+        raise InferenceError(f"cannot build the tokenizer recorded in {ckpt.path}: {e}") from None
+
+
+def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               **config_overrides: Any) -> tuple[TransformerLSLM, Any]:
+    """(model in eval mode at TP=1, tokenizer or None)."""
+    if is_consolidated(path):
+        return load_consolidated(path, device, dtype, **config_overrides)
+    from megatron_ls.checkpoint_convert.read_training import is_training_checkpoint, read_training_checkpoint
+
+    if not os.path.isdir(path):
+        raise InferenceError(f"model folder {path} not found")
+    if not is_training_checkpoint(path):
+        raise InferenceError(f"{path} is neither a consolidated checkpoint (config.json + model.safetensors) nor a "
+                             "training checkpoint (no 'latest' file)")
+    ckpt, state = read_training_checkpoint(path)
+    config = ckpt.config
+    if config_overrides:
+        config = TransformerLSConfig.from_dict({**config.to_dict(), **config_overrides})
+    model = build_model(state, config, device, dtype, where=f"the weights of {ckpt.path}")
+    return model, training_tokenizer(ckpt)

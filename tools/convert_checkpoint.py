@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Convert a training checkpoint to the consolidated inference checkpoint and back; see --help."""
+
+import os
+import sys
+
+try:
+    import megatron_ls  # noqa: F401
+except ImportError:  # running from a checkout that was not pip-installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ls.checkpoint_convert.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
