@@ -46,3 +46,16 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
         config = TransformerLSConfig.from_dict({**config.to_dict(), **config_overrides})
     model = build_model(state, config, device, dtype, where=f"the weights of {ckpt.path}")
     return model, training_tokenizer(ckpt)
+
+
+def reconfigure(model: TransformerLSLM, **overrides: Any) -> None:
+    """Change run-time fields (mem_length, seq_length, attention_impl) of a built model, validated.
+
+    Every module holds the one config object, so it is updated in place; weights are untouched.
+    """
+    try:
+        new = TransformerLSConfig.from_dict({**model.config.to_dict(), **overrides})
+    except ValueError as e:
+        raise InferenceError(f"invalid model setting: {e}") from None
+    for key in overrides:
+        setattr(model.config, key, getattr(new, key))

@@ -1,0 +1,102 @@
+"""tools/generate.py: sample a continuation of a prompt from a consolidated (or training) checkpoint.
+
+    python tools/generate.py --model DIR --prompt "The " --max-new-tokens 200 --temperature 0.8 --top-k 40
+    echo "text" | python tools/generate.py --model DIR --prompt - ...     (stdin)
+    python tools/generate.py --model DIR --prompt-file prompt.txt ...
+
+The decoder keeps per layer the window keys/values, the landmarks of completed chunks and the open
+chunk, so each new token costs O(window + landmarks), and follows the model's segment-with-memory
+semantics (--segment-length / --mem-length; 0 segment length = one segment from the prompt start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_ls.inference.errors import InferenceError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="generate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="consolidated checkpoint folder (or a training checkpoint)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text; '-' reads it from stdin")
+    src.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--segment-length", type=int, default=None,
+                   help="segment length N of the memory semantics (default: the model's seq_length; 0 = unbounded)")
+    p.add_argument("--mem-length", type=int, default=None, help="memory length M (default: the model's mem_length)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="print only the text (no statistics on stderr)")
+    p.add_argument("--only-new", action="store_true", help="print only the generated continuation")
+    return p.parse_args(argv)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8", errors="surrogateescape") as f:
+                return f.read()
+        except OSError as e:
+            raise InferenceError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+    if args.prompt == "-":
+        return sys.stdin.read()
+    return args.prompt
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    from megatron_ls.data.errors import DataError
+
+    try:
+        ids = tokenizer.encode(text)
+    except (DataError, UnicodeError) as e:
+        raise InferenceError(f"the prompt cannot be encoded for this model's vocabulary: {e}") from None
+    return [int(i) for i in ids]
+
+
+def run(args: argparse.Namespace) -> None:
+    from megatron_ls.inference.context import ContextRule
+    from megatron_ls.inference.generate import generate
+    from megatron_ls.inference.model_source import load_model
+
+    if args.max_new_tokens < 0:
+        raise InferenceError("--max-new-tokens must be >= 0")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise InferenceError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    text = read_prompt(args)
+    model, tokenizer = load_model(args.model, device=args.device)
+    if tokenizer is None:
+        raise InferenceError(f"{args.model} has no tokenizer description (tokenizer.json)")
+    prompt = encode_prompt(tokenizer, text)
+    if not prompt:
+        raise InferenceError("the prompt is empty: give at least one character")
+    cfg = model.config
+    seg = cfg.seq_length if args.segment_length is None else (args.segment_length or None)
+    mem = cfg.mem_length if args.mem_length is None else args.mem_length
+    try:
+        rule = ContextRule(seg, mem)
+        out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, rule)
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
+    sys.stdout.write(tokenizer.decode(out.tokens if args.only_new else prompt + out.tokens))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not args.quiet:
+        print(f"[{len(prompt)} prompt tokens in {out.prompt_seconds:.2f} s, {len(out.tokens)} new tokens at "
+              f"{out.tokens_per_second:.1f} tokens/s; context: {rule.describe()}]", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except InferenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Bits per character of a split by the paper's protocol (long context through the memory); see --help."""
+
+import os
+import sys
+
+try:
+    import megatron_ls  # noqa: F401
+except ImportError:  # running from a checkout that was not pip-installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ls.inference.evaluate_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
