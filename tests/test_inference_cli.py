@@ -1,4 +1,4 @@
-"""tools/generate.py and the consolidated checkpoint: sampling, prompt sources, loading without DeepSpeed, bad inputs."""
+"""tools/generate.py and the consolidated checkpoint: sampling, prompt sources, no DeepSpeed, bad inputs."""
 
 from __future__ import annotations
 
