@@ -1,0 +1,83 @@
+"""Conversion round trips through every layout writer and the bad inputs: one clear message, non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_inference_cli import ROOT, make_model_dir
+
+from megatron_ls.checkpoint_convert.cli import main
+
+
+@pytest.fixture()
+def model_dir(tmp_path) -> str:
+    return make_model_dir(str(tmp_path / "model"), vocab=27)
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 2), (2, 1), (1, 2)])
+def test_round_trip_through_training_layouts(model_dir, tmp_path, tp, pp):
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    assert main(["--load", model_dir, "--output", ckpt, "--target-tp", str(tp), "--target-pp", str(pp)]) == 0
+    assert main(["--load", ckpt, "--output", back]) == 0
+    a, b = load_file(os.path.join(model_dir, "model.safetensors")), load_file(os.path.join(back, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(os.path.join(back, "tokenizer.json")))["type"] == "text8"
+
+
+def test_folder_without_latest(tmp_path):
+    (tmp_path / "run").mkdir()
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "--load",
+                          str(tmp_path / "run"), "--output", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.startswith("error:") and "latest" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_shard(model_dir, tmp_path, capsys):
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["--load", model_dir, "--output", ckpt, "--target-tp", "2", "--target-pp", "2"]) == 0
+    tag = os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip())
+    os.remove(os.path.join(tag, "layer_01-model_01-model_states.pt"))
+    capsys.readouterr()
+    assert main(["--load", ckpt, "--output", str(tmp_path / "out")]) == 1
+    assert "layer_01-model_01-model_states.pt is missing" in _error(capsys)
+    os.remove(os.path.join(tag, "manifest.json"))  # without a manifest the reader notices it too
+    assert main(["--load", ckpt, "--output", str(tmp_path / "out")]) == 1
+    assert "layer_01-model_01-model_states.pt is missing" in _error(capsys)
+
+
+def test_config_that_does_not_match_the_weights(model_dir, tmp_path, capsys):
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["--load", model_dir, "--output", ckpt, "--target-tp", "1", "--target-pp", "1"]) == 0
+    tag = os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip())
+    os.remove(os.path.join(tag, "manifest.json"))
+    info = json.load(open(os.path.join(tag, "run_state.json")))
+    info["model"]["ffn_hidden_size"] = 128
+    json.dump(info, open(os.path.join(tag, "run_state.json"), "w"))
+    capsys.readouterr()
+    assert main(["--load", ckpt, "--output", str(tmp_path / "out")]) == 1
+    assert "mlp.fc1.weight" in _error(capsys)
+
+
+def test_refuses_to_overwrite_and_bad_target(model_dir, tmp_path, capsys):
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["--load", model_dir, "--output", ckpt, "--target-tp", "1"]) == 0
+    capsys.readouterr()
+    assert main(["--load", model_dir, "--output", ckpt, "--target-tp", "1"]) == 1
+    assert "--overwrite" in _error(capsys)
+    assert main(["--load", model_dir, "--output", str(tmp_path / "x"), "--target-tp", "3"]) == 1
+    assert "divide" in _error(capsys)
+    assert main(["--load", model_dir, "--output", str(tmp_path / "y"), "--target-pp", "5"]) == 1
+    assert "num_layers" in _error(capsys)
