@@ -1,17 +1,20 @@
 """Tiled long-short attention in pure PyTorch: the CPU default and the fallback everywhere.
 
-Queries are cut into blocks of `b` rows. A block needs the window keys of only b + w - 1
-consecutive positions, which `unfold` exposes as a strided view (no copy, no N x (M+N) scores).
-The window's relative-position term is computed once per query against the w distances and
-moved into key order by the Transformer-XL "skew" (pad, flatten, re-view); padding the skew
-with a large negative number masks the band outside the window for free. Landmark scores are
-one matmul of the queries against all landmarks visible to the group, their distance term a
-gather whose out-of-range index points at a large negative column (the chunk-causal mask).
-Both parts go through ONE softmax.
+Queries and window keys are cut into blocks of `b` positions and laid out block-major,
+(blocks, B, H, b, dh), so that "the key block s places before each query block" is a
+contiguous slice: the window scores of all query blocks against one key-block offset are one
+batched matmul with no copy, and a query block needs only the ceil(w/b) + 1 key blocks ending
+at its own. The window's relative-position term is computed once per query against the w
+distances and moved into key order by the Transformer-XL "skew" (pad, flatten, re-view);
+padding the skew with a large negative number masks everything outside the band for free.
+Landmark scores are one matmul of a group of queries against the landmarks visible to the
+group, their distance term a gather whose out-of-range index points at a large negative
+column (the chunk-causal mask). Both parts go through ONE softmax.
 
-Memory is O(N (b + w + landmarks)) per head. Queries are processed in groups so the score
-tensor of one group stays under `max_scores` elements; each group sees only the landmarks of
-chunks before its last query's chunk.
+Memory is O(N (b + w + landmarks)) per head and no N x (M+N) matrix is formed. Queries are
+processed in groups so that the score tensor of one group stays under `max_scores` elements
+(cache-friendly on CPU, bounded on GPU); a group sees only the landmarks of chunks before
+its last query's chunk.
 """
 
 from __future__ import annotations
@@ -25,17 +28,23 @@ from megatron_ls.model.attention.common import check_long_short_shapes, neg_valu
 
 
 def default_block_size(window: int, seq_len: int) -> int:
-    # b = w/2 wastes a third of the window scores instead of half at b = w, while blocks stay
-    # large enough for efficient matmuls; measured best on CPU (bench/attention.py).
-    b = window // 2 if window >= 64 else window
+    # b = w/4 makes the window scores 1.25 w wide per query instead of 2 w at b = w, with blocks
+    # still big enough for efficient matmuls; measured best on CPU at w = 512 (bench/attention.py).
+    b = window // 4 if window >= 256 else window // 2 if window >= 64 else window
     return max(1, min(b, seq_len))
+
+
+def _block_major(x: torch.Tensor, b: int) -> torch.Tensor:
+    """(B, H, n*b, dh) -> (n, B, H, b, dh), contiguous."""
+    B, H, L, dh = x.shape
+    return x.view(B, H, L // b, b, dh).permute(2, 0, 1, 3, 4).contiguous()
 
 
 def long_short_attention_blocked(
     q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, k_lm: torch.Tensor, v_lm: torch.Tensor,
     pos_bias_u: torch.Tensor, pos_bias_v: torch.Tensor, r_win: torch.Tensor, r_lm: torch.Tensor, *,
     window: int, chunk: int, chunk_rank: int, mem_len: int, dropout_p: float = 0.0,
-    softmax_scale: float | None = None, block_size: int | None = None, max_scores: int = 1 << 26,
+    softmax_scale: float | None = None, block_size: int | None = None, max_scores: int = 1 << 23,
 ) -> torch.Tensor:
     P = check_long_short_shapes(q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm,
                                 window=window, chunk=chunk, chunk_rank=chunk_rank, mem_len=mem_len)
@@ -44,69 +53,82 @@ def long_short_attention_blocked(
     b = block_size or default_block_size(w, N)
     n_blocks = math.ceil(N / b)
     n_pad = n_blocks * b - N
-    L = b + w - 1  # keys one query block can see
+    shifts = math.ceil(w / b)  # key blocks strictly before a query block that its window can reach
+    W = shifts * b  # distances covered by those blocks (>= w; the excess is masked)
+    L = W + b  # window keys per query block
     neg = neg_value(q.dtype)
+    dev = q.device
 
     qs = q * (softmax_scale if softmax_scale is not None else dh ** -0.5)
-    qs = F.pad(qs, (0, 0, 0, n_pad))
-    qu = qs + pos_bias_u[None, :, None, :]
-    qv = qs + pos_bias_v[None, :, None, :]
-    # Key index (w - 1) + i holds query i's own position; `front` pad rows stand for positions
-    # before the stream start and are masked below.
-    front = w - 1 - P
-    kp = F.pad(k_win, (0, 0, front, n_pad))
-    vp = F.pad(v_win, (0, 0, front, n_pad))
+    qs = _block_major(F.pad(qs, (0, 0, 0, n_pad)), b)  # (n_blocks, B, H, b, dh)
+    qu = qs + pos_bias_u[:, None, :]
+    qv = qs + pos_bias_v[:, None, :]
+    # Key block s + shifts holds the own positions of query block s; the `front` padding stands
+    # for positions before the stream start and is masked through the position term below.
+    front = W - P
+    kb = _block_major(F.pad(k_win, (0, 0, front, n_pad)), b)
+    vb = _block_major(F.pad(v_win, (0, 0, front, n_pad)), b)
     r_win_rev = r_win.flip(1).transpose(1, 2)  # column j = distance w - 1 - j
+    first_masked = w - 1 - P  # rows i < first_masked reach before the stream start
 
     n_lm = k_lm.shape[2]
     r_lm_t = r_lm.transpose(1, 2) if n_lm else None
-    # Group size in blocks: bound the joint score tensor of one group.
     per_block = B * H * b * (L + n_lm)
     group = max(1, min(n_blocks, max_scores // max(per_block, 1)))
 
-    outs = []
-    for g0 in range(0, n_blocks, group):
-        g1 = min(n_blocks, g0 + group)
-        rows = slice(g0 * b, g1 * b)
-        nb = g1 - g0
-        # ---- window scores: content (q + u).k plus the skewed position term (q + v).R_w(d).
-        k_tiles = kp[:, :, g0 * b: g1 * b + w - 1].unfold(2, L, b)  # (B, H, nb, dh, L)
-        v_tiles = vp[:, :, g0 * b: g1 * b + w - 1].unfold(2, L, b).transpose(-1, -2)
-        s_win = torch.matmul(qu[:, :, rows].reshape(B, H, nb, b, dh), k_tiles)
-        pos = torch.matmul(qv[:, :, rows], r_win_rev)  # (B, H, nb*b, w), column j = distance w-1-j
-        if g0 * b < front:  # distances reaching before the stream start
-            i = torch.arange(g0 * b, g1 * b, device=q.device)[:, None]
-            j = torch.arange(w, device=q.device)[None, :]
-            pos = pos.masked_fill(j < front - i, neg)
-        # Skew: row i of block becomes [i zeros-of-neg, its w distance columns, neg ...] over L keys.
-        pos = F.pad(pos.view(B, H, nb, b, w), (0, b), value=neg).flatten(-2)[..., : b * L]
-        s_win = s_win + pos.view(B, H, nb, b, L)
+    # Per-group pieces come from split(), never from slicing in the loop: the backward of a
+    # slice zero-fills the whole source tensor, once per slice; split's is one concatenation.
+    qu_g = qu.split(group, dim=0)
+    qv_g = qv.split(group, dim=0)
+    qs_g = qs.split(group, dim=0)
+    # Key blocks s places after the first one each query block needs, grouped like the queries.
+    k_sh = [kb[s: s + n_blocks].split(group, dim=0) for s in range(shifts + 1)]
+    v_sh = [vb[s: s + n_blocks].split(group, dim=0) for s in range(shifts + 1)]
 
-        # ---- landmark scores: q.k_lm + q.R_c(d), d = chunk(t) - 1 - chunk(landmark), clamped.
+    outs = []
+    for gi, g0 in enumerate(range(0, n_blocks, group)):
+        g1 = min(n_blocks, g0 + group)
+        nb = g1 - g0
+        # ---- window position term (q + v).R_w(d), skewed into key order, band mask included.
+        pos = torch.matmul(qv_g[gi], r_win_rev)  # (nb, B, H, b, w)
+        if g0 * b < first_masked:
+            i = torch.arange(g0 * b, g1 * b, device=dev).view(nb, 1, 1, b, 1)
+            pos = pos.masked_fill(torch.arange(w, device=dev) < first_masked - i, neg)
+        # Column j' of the padded row is distance W - j'; key jj of the block's L keys is at
+        # distance W + ii - jj, so row ii must start ii + 1 columns to the left: pad, flatten, re-view.
+        pos = F.pad(pos, (W - w + 1, b), value=neg).flatten(-2)[..., : b * L].view(nb * B * H, b, L)
+
+        # ---- window content (q + u).k against the L keys of each query block: a tile of the
+        # shifts + 1 key blocks it needs (a small copy: L x dh per block, less than its scores).
+        k_tiles = torch.cat([k[gi] for k in k_sh], dim=-2).view(nb * B * H, L, dh)
+        s_win = torch.baddbmm(pos, qu_g[gi].view(nb * B * H, b, dh), k_tiles.transpose(1, 2))
+        v_tiles = [v[gi].view(nb * B * H, b, dh) for v in v_sh]
+
+        # ---- landmarks: q.k_lm + q.R_c(d), d = chunk(t) - 1 - chunk(landmark), clamped.
         last_q = min(g1 * b, N) - 1
         n_vis = (mem_len + last_q) // chunk * chunk_rank if n_lm else 0
         if n_vis:
-            qg = qs[:, :, rows]
-            s_lm = torch.matmul(qg, k_lm[:, :, :n_vis].transpose(-1, -2))
-            pos_lm = F.pad(torch.matmul(qg, r_lm_t), (0, 1), value=neg)  # last column: invisible
-            n_dist = r_lm.shape[1]
-            q_chunk = (mem_len + torch.arange(g0 * b, g1 * b, device=q.device)[:, None]) // chunk
-            d = q_chunk - 1 - torch.arange(n_vis, device=q.device)[None, :] // chunk_rank
+            q_rows = qs_g[gi]
+            # Distances this group can see: at most n_vis / r - 1, so later rows of R_c are unused.
+            n_dist = min(r_lm.shape[1], n_vis // chunk_rank)
+            pos_lm = F.pad(torch.matmul(q_rows, r_lm_t[..., :n_dist]), (0, 1), value=neg)  # last column: invisible
+            q_chunk = (mem_len + torch.arange(g0 * b, g1 * b, device=dev).view(nb, 1, 1, b, 1)) // chunk
+            d = q_chunk - 1 - torch.arange(n_vis, device=dev) // chunk_rank
             idx = torch.where(d >= 0, d.clamp(max=n_dist - 1), n_dist)
-            s_lm = s_lm + pos_lm.gather(-1, idx.expand(B, H, nb * b, n_vis))
-            scores = torch.cat([s_lm.view(B, H, nb, b, n_vis), s_win], dim=-1)
+            s_lm = pos_lm.gather(-1, idx.expand(nb, B, H, b, n_vis))
+            s_lm = torch.matmul(q_rows, k_lm[:, :, :n_vis].transpose(-1, -2)).add_(s_lm)
+            s_lm = s_lm.view(nb * B * H, b, n_vis)
+            scores = torch.cat([s_lm, s_win], dim=-1)
+            v_tiles.insert(0, v_lm[None, :, :, :n_vis].expand(nb, B, H, n_vis, dh).reshape(nb * B * H, n_vis, dh))
         else:
             scores = s_win
 
         probs = F.softmax(scores.to(softmax_dtype(scores.dtype)), dim=-1).to(q.dtype)
         if dropout_p > 0:
             probs = F.dropout(probs, p=dropout_p)
-        if n_vis:
-            # One matmul against [landmark values ; window values] per block: slicing probs
-            # instead would cost two full-size zero-fills in the backward.
-            v_lm_tiles = v_lm[:, :, None, :n_vis].expand(B, H, nb, n_vis, dh)
-            v_tiles = torch.cat([v_lm_tiles, v_tiles], dim=-2)
-        out = torch.matmul(probs, v_tiles).view(B, H, nb * b, dh)
-        outs.append(out)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out[:, :, :N]
+        # One matmul against [visible landmark values ; window values]: slicing probs instead
+        # would zero-fill a probs-sized gradient per slice in the backward.
+        out = torch.bmm(probs, torch.cat(v_tiles, dim=1))
+        outs.append(out.view(nb, B, H, b, dh))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    return out.permute(1, 2, 0, 3, 4).reshape(B, H, n_blocks * b, dh)[:, :, :N]
