@@ -1,0 +1,57 @@
+"""A step whose gradients are not finite is skipped: no parameter, optimizer or schedule change; training goes on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distributed import run_distributed
+
+
+def _skip_one_step(rank: int, world: int, bf16: bool) -> None:
+    from megatron_ls.model.config import TransformerLSConfig
+    from megatron_ls.training.arguments import finalize_args, parse_args
+    from megatron_ls.training.distributed import init_distributed
+    from megatron_ls.training.ds_config import build_ds_config
+    from megatron_ls.training.engine import build_engine
+
+    args = finalize_args(parse_args(["--data-path", "unused", "--seq-length", "16", "--train-iters", "10",
+                                     "--global-batch-size", "2", "--lr", "1e-2", "--lr-warmup-iters", "0"]
+                                    + (["--bf16"] if bf16 else [])), world_size=1)
+    cfg = TransformerLSConfig(vocab_size=32, num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64,
+                              window_size=16, chunk_size=8, mem_length=16, dropout=0.0, seq_length=16)
+    ds = build_ds_config(args, on_cpu=True)
+    engine = build_engine(cfg, ds, init_distributed(1, 1, cfg), seed=1)
+    poison = {"on": False}
+
+    def hook() -> None:
+        if poison["on"]:
+            next(p for p in engine.module.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+
+    engine.add_pre_step_hook(hook)
+    tokens = torch.randint(0, 32, (2, 3 * 16 + 1), generator=torch.Generator().manual_seed(0))
+
+    def batch(i: int):
+        return tokens[:, i * 16:(i + 1) * 16], tokens[:, i * 16 + 1:(i + 1) * 16 + 1]
+
+    def snapshot():
+        return [p.detach().clone() for p in engine.module.parameters()]
+
+    assert torch.isfinite(torch.tensor(engine.train_step(*batch(0))))
+    sched = engine.engine.lr_scheduler
+    before, sched_before, steps_before = snapshot(), sched.last_batch_iteration, engine.engine.skipped_steps
+    poison["on"] = True
+    engine.train_step(*batch(1))
+    poison["on"] = False
+    assert engine.engine.skipped_steps == steps_before + 1
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot())), "a non-finite step changed the weights"
+    assert sched.last_batch_iteration == sched_before  # the schedule did not advance
+    loss = engine.train_step(*batch(2))
+    assert torch.isfinite(torch.tensor(loss))
+    assert any(not torch.equal(a, b) for a, b in zip(before, snapshot())), "training did not go on"
+    assert all(torch.isfinite(p).all() for p in engine.module.parameters())
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_nonfinite_gradients_skip_the_update(bf16):
+    run_distributed(_skip_one_step, 1, bf16, timeout=200)
