@@ -143,7 +143,8 @@ def train_and_record(rank: int, world: int, out_dir: str, tp: int, pp: int, plan
     results = []
     for plan in plans:
         def factory(plan=plan):
-            return build_engine(config, ds_config(plan.get("zero", 0), micro, layout.dp), layout, seed=SEED,
+            extra = {"bf16": {"enabled": True}} if plan.get("bf16") else {}
+            return build_engine(config, ds_config(plan.get("zero", 0), micro, layout.dp, **extra), layout, seed=SEED,
                                 checkpoint_activations=plan.get("ckpt", False))
 
         results.append(_run(factory, layout, plan, out_dir))
@@ -202,3 +203,17 @@ def assert_same_training(base: list[dict[str, Any]], other: list[dict[str, Any]]
             err = (have[name].double() - g_ref.double()).norm()
             bound = grad_rtol * g_ref.double().norm() + 1e-6 * total
             assert err <= bound, f"step {step} {name}: |diff| {err:.3e} > {bound:.3e} (|g| {g_ref.norm():.3e})"
+
+
+def assert_bf16_close(base: list[dict[str, Any]], other: list[dict[str, Any]], run: int) -> None:
+    """A bf16 run follows the fp32 baseline within bf16's precision: losses, evaluation and the (clipped) grad norm.
+
+    The norm check catches a norm summed over the wrong ranks (which also changes the clipping).
+    """
+    ref = base[0]["results"][0]
+    for r in other:
+        got = r["results"][run]
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=3e-3, atol=0)
+        torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(ref["norms"]), rtol=2e-2, atol=0)
+        for (s, n), (s_ref, n_ref) in zip(got["evals"], ref["evals"], strict=True):
+            assert n == n_ref and abs(s - s_ref) <= 3e-3 * abs(s_ref), (s, s_ref)

@@ -3,7 +3,7 @@
 Each test spawns a gloo group (tests/distributed.py, hard timeout) that trains STEPS steps of consecutive segments,
 so the memory carries from step to step, and compares with one process: losses within 1e-5 relative, gradients
 (reduced over DP, gathered over TP and PP, before clipping; clipping is active) within 1e-4, plus the evaluation
-sums. The one-process baseline runs once per module.
+sums. bf16 runs follow the fp32 baseline within bf16's precision. The one-process baseline runs once per module.
 """
 
 from __future__ import annotations
@@ -16,11 +16,20 @@ import time
 import pytest
 import torch
 from distributed import free_port, run_distributed
-from equivalence_helpers import STEPS, assert_same_training, load_ranks, merged_grads, tiny_config, train_and_record
+from equivalence_helpers import (
+    STEPS,
+    assert_bf16_close,
+    assert_same_training,
+    load_ranks,
+    merged_grads,
+    tiny_config,
+    train_and_record,
+)
 
 pytestmark = pytest.mark.slow
 
 TRAIN_EVAL = {"zero": 0, "evals": True}
+BF16 = {"bf16": True, "evals": True, "grads": False}
 
 
 def _spawn(tmp_path, world: int, tp: int, pp: int, plans: list[dict], timeout: float = 180.0, **kwargs):
@@ -53,16 +62,18 @@ def test_baseline_uses_memory_and_eval_keeps_it_apart(baseline):
 
 @pytest.mark.timeout(200)
 def test_tensor_parallel_matches_one_process(baseline, tmp_path):
-    ranks = _spawn(tmp_path, 2, 2, 1, [{**TRAIN_EVAL, "memory_roundtrip": True}])
+    ranks = _spawn(tmp_path, 2, 2, 1, [{**TRAIN_EVAL, "memory_roundtrip": True}, {**BF16, "zero": 0}])
     assert_same_training(baseline, ranks, 0)
+    assert_bf16_close(baseline, ranks, 1)
 
 
 @pytest.mark.timeout(200)
 def test_pipeline_parallel_matches_one_process(baseline, tmp_path):
     # ZeRO 0 (our own clipping) and ZeRO 1 (DeepSpeed's); the second run also saves, restarts and resumes.
-    ranks = _spawn(tmp_path, 2, 1, 2, [TRAIN_EVAL, {"zero": 1, "evals": True, "resume_at": 2}])
+    ranks = _spawn(tmp_path, 2, 1, 2, [TRAIN_EVAL, {"zero": 1, "evals": True, "resume_at": 2}, {**BF16, "zero": 1}])
     assert_same_training(baseline, ranks, 0)
     assert_same_training(baseline, ranks, 1)
+    assert_bf16_close(baseline, ranks, 2)
 
 
 @pytest.mark.timeout(240)
@@ -75,9 +86,11 @@ def test_pipeline_x_tensor_parallel_matches_one_process(baseline, tmp_path):
 def test_data_parallel_zero_stages_match_one_process(baseline, tmp_path):
     plans = [{"zero": stage, "evals": True} for stage in (0, 1, 2, 3)]
     plans[2]["resume_at"] = 2  # ZeRO 2 checkpoints are partitioned: save, restart and load too
-    ranks = _spawn(tmp_path, 2, 1, 1, plans, timeout=220)
+    ranks = _spawn(tmp_path, 2, 1, 1, plans + [{**BF16, "zero": 1}, {**BF16, "zero": 3}], timeout=220)
     for run in range(len(plans)):
         assert_same_training(baseline, ranks, run)
+    assert_bf16_close(baseline, ranks, len(plans))
+    assert_bf16_close(baseline, ranks, len(plans) + 1)
 
 
 def _assert_identical(ranks, a: int, b: int) -> None:

@@ -246,15 +246,22 @@ class TrainEngine:
 
     def _wrap_model_step(self) -> None:
         # Runs where the reduced gradients still exist: just before the step (DeepSpeedEngine.step and the pipeline's
-        # optimizer step both call _take_model_step). For ZeRO 0 in fp32 DeepSpeed reports no norm, and under a
-        # pipeline its clip_grad_norm_ counts replicated parameters on the first stage only (it takes the rank in the
-        # pipe x tensor group for the tensor-parallel rank), so there we measure and clip ourselves.
+        # optimizer step both call _take_model_step). ZeRO 0 without fp16 loss scaling: we measure and clip
+        # ourselves, because DeepSpeed 0.19.8 gets the norm wrong there: in fp32 it reports none, and its
+        # clip_grad_norm_ counts replicated parameters on the first pipeline stage only (it takes the rank in the
+        # pipe x tensor group for the tensor-parallel rank); in bf16 with pp = 1 its unfused wrapper looks for the
+        # tensor-parallel mark on the gradients instead of the parameters, dropping TP ranks > 0. The pipeline's
+        # BF16_Optimizer and the ZeRO optimizers count correctly and keep their own clipping.
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
         engine = self.engine
-        self._own_clipping = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled()
-                                                                            or engine.fp16_enabled())
+        self._own_clipping = (engine.zero_optimization_stage() == 0 and not engine.fp16_enabled()
+                              and not isinstance(engine.optimizer, BF16_Optimizer))
         self._clip = float(engine.gradient_clipping() or 0.0)
         if self._own_clipping:
             engine._config.gradient_clipping = 0.0
+            if hasattr(engine.optimizer, "clip_grad"):  # the bf16 unfused wrapper clips inside its step
+                engine.optimizer.clip_grad = 0.0
         take_step = engine._take_model_step
 
         def wrapped(*args, **kwargs):
@@ -262,6 +269,10 @@ class TrainEngine:
                 hook()
             if self._own_clipping:
                 self._grad_norm = self._local_grad_norm()
+                if not math.isfinite(self._grad_norm):
+                    # The ZeRO and BF16 optimizers skip a non-finite step themselves (optimizer.overflow); the
+                    # optimizers of this branch do not: take DeepSpeed's overflow path for them too.
+                    return self._skip_step(take_step, *args, **kwargs)
                 if self._clip > 0:
                     coef = self._clip / (self._grad_norm + 1e-6)  # DeepSpeed's formula
                     if coef < 1.0:
@@ -271,6 +282,17 @@ class TrainEngine:
             return take_step(*args, **kwargs)
 
         engine._take_model_step = wrapped
+
+    def _skip_step(self, take_step, *args, **kwargs):
+        """No update: DeepSpeed then zeroes the gradients, skips the scheduler step and counts a skipped step."""
+        optimizer = self.engine.optimizer
+        optimizer.step = lambda *a, **k: None  # an instance attribute shadows the real step for this call
+        optimizer.overflow = True
+        try:
+            return take_step(*args, **kwargs)
+        finally:
+            del optimizer.step
+            optimizer.overflow = False
 
     def _local_grad_norm(self) -> float:
         """2-norm of the (DP-reduced) gradients over the model: TP-replicated and pipeline-tied copies once."""
