@@ -41,5 +41,9 @@ print(f"quickstart: training loss {train[0]['lm_loss']:.3f} -> {train[-1]['lm_lo
       f"valid BPC {valid[-1]['valid_bpc']:.3f} at iteration {valid[-1]['iteration']}")
 PY
 
-# SAMPLING: the inference issue adds tools/generate.py; the quickstart then ends with e.g.
-#   python tools/generate.py --model "$out" --prompt "The " --max-new-tokens 200
+# SAMPLING (inference issue): consolidate the checkpoint, test-split BPC by the paper's protocol, sample.
+python tools/convert_checkpoint.py --load "$out" --output "$out/consolidated" --overwrite
+python tools/evaluate.py --model "$out/consolidated" --data-path "$data" --split test --context 512 --step 128 \
+  --output "$out/test_bpc.json"
+python tools/generate.py --model "$out/consolidated" --prompt "The " --max-new-tokens 200 \
+  --temperature 0.8 --top-k 40 --seed 1234
