@@ -287,3 +287,14 @@ def test_stop_signals_record_and_restore():
         os.kill(os.getpid(), signal.SIGTERM)
         assert s.stop_requested() and s.name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_foreign_checkpoint_is_weights_only(tmp_path):
+    """A DeepSpeed checkpoint another tool wrote (no manifest, no run state): --finetune may read its weights."""
+    d = tmp_path / "ck"
+    (d / "global_step5").mkdir(parents=True)
+    (d / "latest").write_text("global_step5")
+    path, info = ckpt.locate_checkpoint(str(d), weights_only=True)
+    assert path.endswith("global_step5") and info == {}
+    with pytest.raises(CheckpointError, match="--finetune"):
+        ckpt.locate_checkpoint(str(d))

@@ -216,7 +216,8 @@ def _read_tag(load_dir: str) -> str:
 def _read_manifest(path: str) -> dict[str, Any]:
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isfile(mpath):
-        raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST}")
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST} (a checkpoint that another tool "
+                              "wrote can start a run with --finetune, which reads its weights only)")
     try:
         with open(mpath) as f:
             manifest = json.load(f)
@@ -241,13 +242,19 @@ def _verify_files(path: str, files: dict[str, dict], rank: int, world: int) -> N
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} fails its CRC-32 check")
 
 
-def locate_checkpoint(load_dir: str) -> tuple[str, dict[str, Any]]:
-    """Collective. Resolve `latest`, verify the checkpoint, return (path, run_state.json)."""
+def locate_checkpoint(load_dir: str, weights_only: bool = False) -> tuple[str, dict[str, Any]]:
+    """Collective. Resolve `latest`, verify the checkpoint, return (path, run_state.json).
+
+    With ``weights_only`` (--finetune) a plain DeepSpeed checkpoint without our manifest and run state
+    (one written by another tool) is accepted as it is: only its module weights are read.
+    """
     rank, world = _rank(), _world()
 
     def check() -> tuple[str, dict[str, Any]]:
         tag = _read_tag(load_dir)
         path = os.path.join(load_dir, tag)
+        if weights_only and not os.path.exists(os.path.join(path, MANIFEST)):
+            return path, {}
         manifest = _read_manifest(path)
         _verify_files(path, manifest["files"], rank, world)
         try:

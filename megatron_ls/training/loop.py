@@ -128,7 +128,7 @@ def train(argv: list[str] | None = None) -> int:
 
     iteration = 0
     if _should_resume(args):
-        path, info = ckpt.locate_checkpoint(args.load)
+        path, info = ckpt.locate_checkpoint(args.load, weights_only=args.finetune)
         ckpt.check_compatible(info, config.to_dict(), run_info["run"] | run_info["layout"] | {"world_size": world},
                               args.finetune, path)
         ckpt.load_engine_state(engine, path, finetune=args.finetune)
