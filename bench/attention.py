@@ -119,8 +119,8 @@ def attention_rows(args, device, dtype, autocast_dtype) -> list[dict]:
                 rows.append({**row, "skipped": f"reference is O(N^2); N > --max-reference-n {args.max_reference_n}"})
                 print(_row_line(rows[-1]), flush=True)
                 continue
-            if impl == "fused" and not (device.type == "cuda" and fused_available()):
-                rows.append({**row, "skipped": "fused kernel needs CUDA and megatron_ls.kernels"})
+            if impl == "fused" and not fused_available(device):
+                rows.append({**row, "skipped": "fused kernel cannot run here (CUDA + Triton, or TRITON_INTERPRET=1)"})
                 print(_row_line(rows[-1]), flush=True)
                 continue
             attention_type = {"full": "full", "window": "window"}.get(impl, "long-short")

@@ -18,18 +18,22 @@ def _fused():
     return long_short_attention_fused
 
 
-def fused_available() -> bool:
+def fused_available(device: torch.device | str | None = None) -> bool:
+    """Whether megatron_ls.kernels provides the fused kernel and says it can run on `device`."""
     try:
+        import megatron_ls.kernels as kernels
+
         _fused()
-    except NotImplementedError:
+    except (ImportError, NotImplementedError):
         return False
-    return True
+    check = getattr(kernels, "fused_available", None)
+    return bool(check(device)) if check is not None else True
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """'auto' is the fused kernel on CUDA when it is importable, `blocked` everywhere else."""
+    """'auto' is the fused kernel on CUDA when it can run there, `blocked` everywhere else."""
     if impl == "auto":
-        return "fused" if device.type == "cuda" and fused_available() else "blocked"
+        return "fused" if device.type == "cuda" and fused_available(device) else "blocked"
     if impl not in ("reference", "blocked", "fused"):
         raise ValueError(f"attention_impl must be reference | blocked | fused | auto, got {impl!r}")
     return impl
