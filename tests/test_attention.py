@@ -195,3 +195,19 @@ def test_model_under_bf16_autocast():
     loss16.mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
     torch.testing.assert_close(loss16, loss32, rtol=0, atol=5e-2)
+
+
+def test_blocked_never_materialises_the_full_score_matrix():
+    """Every tensor kept for the backward is smaller than one head's N x (M+N) dense scores."""
+    N, M, w, c = 256, 256, 16, 8
+    args, kw = make_inputs(1, 1, N, M, w, c, 1, dtype=torch.float32)
+    largest = 0
+
+    def pack(t):
+        nonlocal largest
+        largest = max(largest, t.untyped_storage().nbytes() // t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        long_short_attention_blocked(*args, **kw)
+    assert 0 < largest < N * (M + N) // 2
