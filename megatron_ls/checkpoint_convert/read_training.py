@@ -23,8 +23,7 @@ import torch
 from megatron_ls.checkpoint_convert.tp_shards import merge_tp
 from megatron_ls.inference.errors import InferenceError
 from megatron_ls.model.config import TransformerLSConfig
-
-RUN_INFO, MANIFEST, LATEST = "run_state.json", "manifest.json", "latest"
+from megatron_ls.training.checkpointing import LATEST, MANIFEST, RUN_INFO
 
 
 @dataclass

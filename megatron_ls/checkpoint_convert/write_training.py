@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from typing import Any
 
 import torch
@@ -23,8 +22,7 @@ import torch
 from megatron_ls.checkpoint_convert.tp_shards import split_tp
 from megatron_ls.inference.errors import InferenceError
 from megatron_ls.model.config import TransformerLSConfig
-
-LATEST, MANIFEST, RUN_INFO = "latest", "manifest.json", "run_state.json"
+from megatron_ls.training.checkpointing import RUN_INFO, write_latest, write_manifest
 
 
 def _lm_to_pipe(name: str, num_layers: int) -> tuple[int, str]:
@@ -52,14 +50,6 @@ def _ds_header(tp: int, pp: int, iteration: int) -> dict[str, Any]:
             "skipped_steps": 0, "global_steps": 0, "global_samples": 0, "dp_world_size": 1,
             "mp_world_size": tp * pp, "ds_version": ds_version, "iteration": iteration,
             "checkpoint_parallel_dimensions": {"tp_degree": tp, "pp_degree": pp}}
-
-
-def _crc32(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            crc = zlib.crc32(block, crc)
-    return crc
 
 
 def write_training_checkpoint(out_dir: str, state: dict[str, torch.Tensor], config: TransformerLSConfig,
@@ -94,12 +84,6 @@ def write_training_checkpoint(out_dir: str, state: dict[str, torch.Tensor], conf
             "converted_from": source, "weights_only": True}
     with open(os.path.join(path, RUN_INFO), "w") as f:
         json.dump(info, f, indent=2)
-    files = sorted(os.listdir(path))
-    manifest = {"iteration": iteration, "tag": tag, "world_size": tp * pp,
-                "files": {n: {"bytes": os.path.getsize(os.path.join(path, n)), "crc32": _crc32(os.path.join(path, n))}
-                          for n in files}}
-    with open(os.path.join(path, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
-    with open(os.path.join(out_dir, LATEST), "w") as f:
-        f.write(tag + "\n")
+    write_manifest(path, iteration, tag, tp * pp)
+    write_latest(out_dir, tag)
     return path

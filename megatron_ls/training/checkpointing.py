@@ -126,6 +126,25 @@ def _list_files(root: str) -> list[str]:
     return sorted(out)
 
 
+def write_manifest(tag_dir: str, iteration: int, tag: str, world_size: int) -> None:
+    """Record every file of a finished tag with its size and CRC-32 (the last file of a tag)."""
+    files = {p: {"bytes": os.path.getsize(os.path.join(tag_dir, p)), "crc32": _crc32(os.path.join(tag_dir, p))}
+             for p in _list_files(tag_dir)}
+    _write_json(os.path.join(tag_dir, MANIFEST),
+                {"iteration": iteration, "tag": tag, "world_size": world_size, "files": files})
+
+
+def write_latest(save_dir: str, tag: str) -> None:
+    """Point `latest` at a complete tag, atomically (written after the tag itself)."""
+    latest_tmp = os.path.join(save_dir, f"{LATEST}.tmp{os.getpid()}")
+    with open(latest_tmp, "w") as f:
+        f.write(tag + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(latest_tmp, os.path.join(save_dir, LATEST))
+    _fsync_dir(save_dir)
+
+
 def complete_tags(save_dir: str) -> list[tuple[int, str]]:
     """(iteration, tag) of the complete checkpoint folders, oldest first."""
     if not os.path.isdir(save_dir):
@@ -166,10 +185,7 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, local_state: dic
     if rank == 0:
         _write_json(os.path.join(partial, RUN_INFO), dict(run_info, iteration=iteration, world_size=_world()))
         _fsync_tree(partial)
-        manifest = {"iteration": iteration, "tag": tag, "world_size": _world(),
-                    "files": {p: {"bytes": os.path.getsize(os.path.join(partial, p)),
-                                  "crc32": _crc32(os.path.join(partial, p))} for p in _list_files(partial)}}
-        _write_json(os.path.join(partial, MANIFEST), manifest)
+        write_manifest(partial, iteration, tag, _world())
         if os.path.exists(final):  # the same iteration saved again (e.g. after a resume): replace it
             old = final + f".old{os.getpid()}"
             os.replace(final, old)
@@ -178,13 +194,7 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, local_state: dic
         else:
             os.replace(partial, final)
         _fsync_dir(save_dir)
-        latest_tmp = os.path.join(save_dir, f"{LATEST}.tmp{os.getpid()}")
-        with open(latest_tmp, "w") as f:
-            f.write(tag + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(latest_tmp, os.path.join(save_dir, LATEST))
-        _fsync_dir(save_dir)
+        write_latest(save_dir, tag)
         if keep_last is not None:
             for _, old_tag in complete_tags(save_dir)[:-keep_last]:
                 if old_tag != tag:
