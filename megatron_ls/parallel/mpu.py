@@ -31,8 +31,7 @@ class _State:
     tp_group: object = None
     pp_group: object = None
     dp_group: object = None
-    mp_group: object = None  # tp x pp ranks of one model replica
-    pp_ranks: tuple = ()
+    pp_ranks: tuple = ()  # global ranks of this rank's pipeline, first stage first
     initialized: bool = False
 
 
@@ -88,11 +87,6 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
             group = dist.new_group(ranks)
             if (d, t) == (my_dp, my_tp):
                 state.pp_group, state.pp_ranks = group, tuple(ranks)
-    for d in range(dp):
-        ranks = [rank_of(p, d, t) for p in range(pp) for t in range(tp)]
-        group = dist.new_group(ranks)
-        if d == my_dp:
-            state.mp_group = group
     state.initialized = True
     global _STATE
     _STATE = state
@@ -140,6 +134,11 @@ def get_pipeline_model_parallel_rank() -> int:
 
 def get_pipeline_model_parallel_group() -> object:
     return _STATE.pp_group
+
+
+def get_pipeline_model_parallel_last_rank() -> int:
+    """Global rank of the last stage of this rank's pipeline (Megatron's name)."""
+    return _STATE.pp_ranks[-1] if _STATE.initialized else 0
 
 
 # Data parallel -------------------------------------------------------------------------

@@ -193,9 +193,8 @@ class TrainEngine:
             loss_fn.accumulate = False
             module.set_stream(TRAIN)
         sums = torch.tensor([loss_fn.sum_nats, float(loss_fn.tokens)], dtype=torch.float64, device=self.layout.device)
-        last = (self.layout.pp - 1) * self.layout.dp * self.layout.tp + self.layout.dp_rank * self.layout.tp \
-            + self.layout.tp_rank  # the last stage of this rank's pipeline (mpu rank order)
-        dist.broadcast(sums, src=last, group=mpu.get_pipeline_model_parallel_group())
+        dist.broadcast(sums, src=mpu.get_pipeline_model_parallel_last_rank(),
+                       group=mpu.get_pipeline_model_parallel_group())
         return sums
 
     # ---- memory ---------------------------------------------------------------------------------------------------
