@@ -81,3 +81,24 @@ def test_refuses_to_overwrite_and_bad_target(model_dir, tmp_path, capsys):
     assert "divide" in _error(capsys)
     assert main(["--load", model_dir, "--output", str(tmp_path / "y"), "--target-pp", "5"]) == 1
     assert "num_layers" in _error(capsys)
+
+
+def test_bad_target_degree_is_refused_before_anything_is_read(model_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    for flags in (["--target-tp", "0"], ["--target-pp", "0"], ["--target-tp", "-1"]):
+        assert main(["--load", model_dir, "--output", out, *flags]) == 1
+        assert "must be positive" in _error(capsys)
+    assert not os.path.exists(out)
+
+
+def test_overwrite_replaces_the_whole_tag(model_dir, tmp_path, capsys):
+    """A TP=2 x PP=2 layout overwritten by a TP=1 one: no file of the old layout survives, none is partial."""
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["--load", model_dir, "--output", ckpt, "--target-tp", "2", "--target-pp", "2"]) == 0
+    assert main(["--load", model_dir, "--output", ckpt, "--target-tp", "1", "--overwrite"]) == 0
+    tag = open(os.path.join(ckpt, "latest")).read().strip()
+    assert sorted(os.listdir(ckpt)) == sorted(["latest", tag])
+    files = sorted(os.listdir(os.path.join(ckpt, tag)))
+    assert files == ["manifest.json", "mp_rank_00_model_states.pt", "run_state.json"]
+    assert sorted(json.load(open(os.path.join(ckpt, tag, "manifest.json")))["files"]) == files[1:]
+

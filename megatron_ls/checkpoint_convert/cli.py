@@ -61,6 +61,10 @@ def convert(args: argparse.Namespace) -> str:
     from megatron_ls.inference.consolidated import check_weights, is_consolidated, save_consolidated
 
     to_training = args.target_tp is not None or args.target_pp is not None
+    tp = 1 if args.target_tp is None else args.target_tp
+    pp = 1 if args.target_pp is None else args.target_pp
+    if tp < 1 or pp < 1:
+        raise InferenceError("--target-tp and --target-pp must be positive")
     if not os.path.isdir(args.load):
         raise InferenceError(f"--load {args.load}: folder not found")
     if not to_training and is_consolidated(args.load):
@@ -76,9 +80,6 @@ def convert(args: argparse.Namespace) -> str:
     if to_training:
         from megatron_ls.checkpoint_convert.write_training import write_training_checkpoint
 
-        tp, pp = args.target_tp or 1, args.target_pp or 1
-        if tp < 1 or pp < 1:
-            raise InferenceError("--target-tp and --target-pp must be positive")
         if tokenizer and tokenizer.get("type") == "sentencepiece" and not os.path.isabs(tokenizer["model"]):
             tokenizer = dict(tokenizer, model=os.path.abspath(os.path.join(base, tokenizer["model"])))
         path = write_training_checkpoint(args.output, state, config, tokenizer, tp, pp, iteration, source=args.load)

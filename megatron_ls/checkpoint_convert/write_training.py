@@ -7,7 +7,9 @@ new --tensor-model-parallel-size / --pipeline-model-parallel-size, any data-para
 - pp > 1: layer_II-model_XX-model_states.pt per pipeline layer and TP rank, plus one weight-less
   mp_rank_XX_model_states.pt per (stage, TP rank), which DeepSpeed's pipeline engine opens first.
 Beside them run_state.json (model config, tokenizer, layout) and manifest.json as
-megatron_ls.training.checkpointing writes them, and `latest` last. There is no optimizer state: a
+megatron_ls.training.checkpointing writes them, and `latest` last. As in training, the tag is written
+as TAG.partial and renamed when complete (replacing an older TAG of that name whole, so no file of a
+previous layout survives), and a failure removes the partial folder. There is no optimizer state: a
 converted checkpoint starts a new phase (--finetune), it cannot be an exact resume.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -22,7 +25,7 @@ import torch
 from megatron_ls.checkpoint_convert.tp_shards import split_tp
 from megatron_ls.inference.errors import InferenceError
 from megatron_ls.model.config import TransformerLSConfig
-from megatron_ls.training.checkpointing import RUN_INFO, write_latest, write_manifest
+from megatron_ls.training.checkpointing import PARTIAL, RUN_INFO, publish_tag, tag_name, write_latest, write_manifest
 
 
 def _lm_to_pipe(name: str, num_layers: int) -> tuple[int, str]:
@@ -56,14 +59,27 @@ def write_training_checkpoint(out_dir: str, state: dict[str, torch.Tensor], conf
                               tokenizer: dict[str, Any] | None, tp: int, pp: int, iteration: int = 0,
                               source: str | None = None) -> str:
     """Write OUT/iter_XXXXXXX/ and OUT/latest; returns the tag folder."""
-    from megatron_ls.training.checkpointing import tag_name
-
     if pp < 1 or pp > config.num_layers:
         raise InferenceError(f"--target-pp {pp} must be between 1 and num_layers ({config.num_layers})")
     shards = split_tp(state, config, tp)
     tag = tag_name(iteration)
-    path = os.path.join(out_dir, tag)
-    os.makedirs(path, exist_ok=True)
+    final = os.path.join(out_dir, tag)
+    path = final + PARTIAL
+    shutil.rmtree(path, ignore_errors=True)  # left by an interrupted conversion
+    os.makedirs(path)
+    try:
+        _write_tag(path, shards, config, tokenizer, tp, pp, iteration, source)
+        write_manifest(path, iteration, tag, tp * pp)
+        publish_tag(path, final)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    write_latest(out_dir, tag)
+    return final
+
+
+def _write_tag(path: str, shards: list[dict[str, torch.Tensor]], config: TransformerLSConfig,
+               tokenizer: dict[str, Any] | None, tp: int, pp: int, iteration: int, source: str | None) -> None:
     header = _ds_header(tp, pp, iteration)
     if pp == 1:
         for rank, shard in enumerate(shards):
@@ -84,6 +100,3 @@ def write_training_checkpoint(out_dir: str, state: dict[str, torch.Tensor], conf
             "converted_from": source, "weights_only": True}
     with open(os.path.join(path, RUN_INFO), "w") as f:
         json.dump(info, f, indent=2)
-    write_manifest(path, iteration, tag, tp * pp)
-    write_latest(out_dir, tag)
-    return path

@@ -134,6 +134,18 @@ def write_manifest(tag_dir: str, iteration: int, tag: str, world_size: int) -> N
                 {"iteration": iteration, "tag": tag, "world_size": world_size, "files": files})
 
 
+def publish_tag(partial: str, final: str) -> None:
+    """Rename a finished TAG.partial folder to TAG, replacing an older TAG of the same name (a re-save)."""
+    if os.path.exists(final):
+        old = final + f".old{os.getpid()}"
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    _fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
 def write_latest(save_dir: str, tag: str) -> None:
     """Point `latest` at a complete tag, atomically (written after the tag itself)."""
     latest_tmp = os.path.join(save_dir, f"{LATEST}.tmp{os.getpid()}")
@@ -186,14 +198,7 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, local_state: dic
         _write_json(os.path.join(partial, RUN_INFO), dict(run_info, iteration=iteration, world_size=_world()))
         _fsync_tree(partial)
         write_manifest(partial, iteration, tag, _world())
-        if os.path.exists(final):  # the same iteration saved again (e.g. after a resume): replace it
-            old = final + f".old{os.getpid()}"
-            os.replace(final, old)
-            os.replace(partial, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(partial, final)
-        _fsync_dir(save_dir)
+        publish_tag(partial, final)
         write_latest(save_dir, tag)
         if keep_last is not None:
             for _, old_tag in complete_tags(save_dir)[:-keep_last]:
