@@ -102,3 +102,15 @@ def test_overwrite_replaces_the_whole_tag(model_dir, tmp_path, capsys):
     assert files == ["manifest.json", "mp_rank_00_model_states.pt", "run_state.json"]
     assert sorted(json.load(open(os.path.join(ckpt, tag, "manifest.json")))["files"]) == files[1:]
 
+
+def test_consolidated_writer_leaves_nothing_on_a_missing_sentencepiece_model(tmp_path):
+    from megatron_ls.inference.consolidated import InferenceError, is_consolidated, save_consolidated
+    from megatron_ls.model import TransformerLSConfig, TransformerLSLM
+
+    config = TransformerLSConfig(vocab_size=300, num_layers=1, hidden_size=32, num_attention_heads=2,
+                                 ffn_hidden_size=64, window_size=16, chunk_size=8, dropout=0.0)
+    out = str(tmp_path / "out")
+    tokenizer = {"type": "sentencepiece", "vocab_size": 300, "model": "gone.model"}
+    with pytest.raises(InferenceError, match="gone.model"):
+        save_consolidated(out, TransformerLSLM(config).state_dict(), config, tokenizer, str(tmp_path))
+    assert not is_consolidated(out) and not (os.path.isdir(out) and os.listdir(out))

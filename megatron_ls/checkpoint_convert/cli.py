@@ -32,28 +32,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _read_source(path: str):
     """(TP=1 fp32 state dict, config, tokenizer description, base dir of the tokenizer, iteration)."""
-    from megatron_ls.inference.consolidated import TOKENIZER, is_consolidated, read_config
+    from megatron_ls.inference.consolidated import is_consolidated
 
     if is_consolidated(path):
-        import json
+        from megatron_ls.inference.consolidated import load_consolidated_state, read_tokenizer_description
 
-        from safetensors.torch import load_file
-
-        from megatron_ls.inference.consolidated import WEIGHTS, check_weights
-
-        config = read_config(path)
-        state = {k: v.float() for k, v in load_file(os.path.join(path, WEIGHTS)).items()}
-        check_weights(state, config, f"the weights of {path}")
-        tok_file = os.path.join(path, TOKENIZER)
-        tokenizer = json.load(open(tok_file)) if os.path.isfile(tok_file) else None
-        return state, config, tokenizer, path, 0
+        state, config = load_consolidated_state(path)
+        return {k: v.float() for k, v in state.items()}, config, read_tokenizer_description(path), path, 0
     from megatron_ls.checkpoint_convert.read_training import read_training_checkpoint
 
     with contextlib.redirect_stdout(sys.stderr):  # zero_to_fp32 prints its progress
         ckpt, state = read_training_checkpoint(path)
-    data_path = (ckpt.info.get("run") or {}).get("data_path")
-    base = os.path.dirname(os.path.abspath(data_path)) if data_path else ckpt.path
-    return state, ckpt.config, ckpt.tokenizer, base, int(ckpt.info.get("iteration", 0))
+    return state, ckpt.config, ckpt.tokenizer, ckpt.tokenizer_base_dir, int(ckpt.info.get("iteration", 0))
 
 
 def convert(args: argparse.Namespace) -> str:

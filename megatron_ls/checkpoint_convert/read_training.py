@@ -35,6 +35,12 @@ class TrainingCheckpoint:
     pp: int
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def tokenizer_base_dir(self) -> str:
+        """Where a relative sentencepiece model path of the tokenizer resolves: the run's shard folder."""
+        data_path = (self.info.get("run") or {}).get("data_path")
+        return os.path.dirname(os.path.abspath(data_path)) if data_path else self.path
+
 
 def is_training_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, LATEST)) or os.path.isfile(os.path.join(path, RUN_INFO))

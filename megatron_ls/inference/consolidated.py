@@ -10,6 +10,7 @@ Nothing here imports deepspeed (megatron_ls.parallel.random falls back to a loca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+SP_MODEL = "tokenizer.model"  # a sentencepiece model, copied beside tokenizer.json
 
 
 def is_consolidated(path: str) -> bool:
@@ -36,25 +38,49 @@ def _write_json(path: str, obj: Any) -> None:
 
 def save_consolidated(out_dir: str, state_dict: dict[str, torch.Tensor], config: TransformerLSConfig,
                       tokenizer: dict[str, Any] | None, tokenizer_base_dir: str | None = None) -> None:
-    """Write DIR; `tokenizer_base_dir` resolves a relative sentencepiece model path of the description."""
+    """Write DIR; `tokenizer_base_dir` resolves a relative sentencepiece model path of the description.
+
+    Every input is checked before anything is written; the files are written under temporary names and
+    renamed into place at the end (config.json last), so a failure leaves no half-written checkpoint, and
+    an overwrite leaves no tokenizer file of the previous model behind.
+    """
     from safetensors.torch import save_file
 
     check_weights(state_dict, config, where="the weights to save")
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, os.path.join(out_dir, WEIGHTS),
-              metadata={"format": "pt", "model": "TransformerLSLM"})
-    _write_json(os.path.join(out_dir, CONFIG), config.to_dict())
+    sp_model = None
     if tokenizer is not None:
         tokenizer = dict(tokenizer)
         if tokenizer.get("type") == "sentencepiece":
-            src = tokenizer["model"]
-            if not os.path.isabs(src) and tokenizer_base_dir is not None:
-                src = os.path.join(tokenizer_base_dir, src)
-            if not os.path.isfile(src):
-                raise InferenceError(f"the sentencepiece model {src} named by the checkpoint's tokenizer is missing")
-            shutil.copyfile(src, os.path.join(out_dir, "tokenizer.model"))
-            tokenizer["model"] = "tokenizer.model"
-        _write_json(os.path.join(out_dir, TOKENIZER), tokenizer)
+            sp_model = tokenizer["model"]
+            if not os.path.isabs(sp_model) and tokenizer_base_dir is not None:
+                sp_model = os.path.join(tokenizer_base_dir, sp_model)
+            if not os.path.isfile(sp_model):
+                raise InferenceError(f"the sentencepiece model {sp_model} named by the checkpoint's tokenizer "
+                                     "is missing")
+            tokenizer["model"] = SP_MODEL
+    os.makedirs(out_dir, exist_ok=True)
+    suffix = f".tmp{os.getpid()}"
+    files = [(name, os.path.join(out_dir, name)) for name in
+             ([SP_MODEL] if sp_model else []) + ([TOKENIZER] if tokenizer is not None else []) + [WEIGHTS, CONFIG]]
+    try:
+        if sp_model:
+            shutil.copyfile(sp_model, os.path.join(out_dir, SP_MODEL) + suffix)
+        if tokenizer is not None:
+            _write_json(os.path.join(out_dir, TOKENIZER) + suffix, tokenizer)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
+                  os.path.join(out_dir, WEIGHTS) + suffix, metadata={"format": "pt", "model": "TransformerLSLM"})
+        _write_json(os.path.join(out_dir, CONFIG) + suffix, config.to_dict())
+    except BaseException:
+        for _, final in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(final + suffix)
+        raise
+    for name in (SP_MODEL, TOKENIZER):  # the previous model's tokenizer, if this one has none
+        if name not in dict(files):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
+    for _, final in files:
+        os.replace(final + suffix, final)
 
 
 def check_weights(state_dict: dict[str, torch.Tensor], config: TransformerLSConfig, where: str) -> None:
@@ -90,25 +116,37 @@ def read_config(path: str) -> TransformerLSConfig:
         raise InferenceError(f"{file} is not a valid model config: {e}") from None
 
 
-def read_tokenizer(path: str):
-    """The tokenizer of DIR, or None when the folder has no tokenizer.json."""
-    from megatron_ls.data.errors import DataError
-    from megatron_ls.data.tokenizers import build_tokenizer
-
+def read_tokenizer_description(path: str) -> dict[str, Any] | None:
+    """The tokenizer description of DIR (tokenizer.json), or None when the folder has none."""
     file = os.path.join(path, TOKENIZER)
     if not os.path.isfile(file):
         return None
     try:
         with open(file) as f:
             desc = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InferenceError(f"cannot read the tokenizer description {file}: {e}") from None
+    if not isinstance(desc, dict):
+        raise InferenceError(f"{file} is not a tokenizer description (a JSON object)")
+    return desc
+
+
+def read_tokenizer(path: str):
+    """The tokenizer of DIR, or None when the folder has no tokenizer.json."""
+    from megatron_ls.data.errors import DataError
+    from megatron_ls.data.tokenizers import build_tokenizer
+
+    desc = read_tokenizer_description(path)
+    if desc is None:
+        return None
+    try:
         return build_tokenizer(desc, base_dir=path)
-    except (OSError, json.JSONDecodeError, KeyError, DataError) as e:
-        raise InferenceError(f"cannot build the tokenizer of {file}: {e}") from None
+    except (OSError, KeyError, DataError) as e:
+        raise InferenceError(f"cannot build the tokenizer of {os.path.join(path, TOKENIZER)}: {e}") from None
 
 
-def load_consolidated(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      **config_overrides: Any) -> tuple[TransformerLSLM, Any]:
-    """(model in eval mode, tokenizer or None) from a consolidated folder; overrides e.g. attention_impl."""
+def load_consolidated_state(path: str) -> tuple[dict[str, torch.Tensor], TransformerLSConfig]:
+    """(state dict as stored, config) of a consolidated folder, the weights checked against the config."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -118,12 +156,20 @@ def load_consolidated(path: str, device: str | torch.device = "cpu", dtype: torc
         raise InferenceError(f"{path} is not a consolidated checkpoint: no {WEIGHTS} (convert a training checkpoint "
                              "with tools/convert_checkpoint.py --load CKPT_DIR --output DIR)")
     config = read_config(path)
-    if config_overrides:
-        config = TransformerLSConfig.from_dict({**config.to_dict(), **config_overrides})
     try:
         state = load_file(os.path.join(path, WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise InferenceError(f"cannot read {os.path.join(path, WEIGHTS)}: {e}") from None
+    check_weights(state, config, f"the weights of {path}")
+    return state, config
+
+
+def load_consolidated(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                      **config_overrides: Any) -> tuple[TransformerLSLM, Any]:
+    """(model in eval mode, tokenizer or None) from a consolidated folder; overrides e.g. attention_impl."""
+    state, config = load_consolidated_state(path)
+    if config_overrides:
+        config = TransformerLSConfig.from_dict({**config.to_dict(), **config_overrides})
     return build_model(state, config, device, dtype, where=f"the weights of {path}"), read_tokenizer(path)
 
 

@@ -7,23 +7,22 @@ from typing import Any
 
 import torch
 
+from megatron_ls.checkpoint_convert.read_training import TrainingCheckpoint
 from megatron_ls.inference.consolidated import build_model, is_consolidated, load_consolidated
 from megatron_ls.inference.errors import InferenceError
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM
 
 
-def training_tokenizer(ckpt: Any):
+def training_tokenizer(ckpt: TrainingCheckpoint):
     """The tokenizer named in a training checkpoint's run_state.json (sentencepiece paths resolve from the data)."""
     from megatron_ls.data.errors import DataError
     from megatron_ls.data.tokenizers import build_tokenizer
 
     if not ckpt.tokenizer:
         return None
-    data_path = (ckpt.info.get("run") or {}).get("data_path")
-    base = os.path.dirname(os.path.abspath(data_path)) if data_path else ckpt.path
     try:
-        return build_tokenizer(ckpt.tokenizer, base_dir=base)
+        return build_tokenizer(ckpt.tokenizer, base_dir=ckpt.tokenizer_base_dir)
     except DataError as e:
         raise InferenceError(f"cannot build the tokenizer recorded in {ckpt.path}: {e}") from None
 
