@@ -114,3 +114,14 @@ def test_consolidated_writer_leaves_nothing_on_a_missing_sentencepiece_model(tmp
     with pytest.raises(InferenceError, match="gone.model"):
         save_consolidated(out, TransformerLSLM(config).state_dict(), config, tokenizer, str(tmp_path))
     assert not is_consolidated(out) and not (os.path.isdir(out) and os.listdir(out))
+
+
+def test_corrupt_manifest(model_dir, tmp_path, capsys):
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["--load", model_dir, "--output", ckpt, "--target-tp", "1"]) == 0
+    tag = os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip())
+    with open(os.path.join(tag, "manifest.json"), "w") as f:
+        f.write("{not json")
+    capsys.readouterr()
+    assert main(["--load", ckpt, "--output", str(tmp_path / "out")]) == 1
+    assert "manifest.json is not a valid manifest" in _error(capsys)

@@ -74,8 +74,12 @@ def locate(load_dir: str) -> TrainingCheckpoint:
     tp, pp = int(layout.get("tensor_model_parallel_size", 1)), int(layout.get("pipeline_model_parallel_size", 1))
     manifest = os.path.join(path, MANIFEST)
     if os.path.isfile(manifest):
-        with open(manifest) as f:
-            files = json.load(f).get("files", {})
+        try:
+            with open(manifest) as f:
+                files = json.load(f)["files"]
+            assert isinstance(files, dict)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+            raise InferenceError(f"checkpoint {path} is corrupt: {MANIFEST} is not a valid manifest") from None
         for name, meta in sorted(files.items()):
             full = os.path.join(path, name)
             if not os.path.isfile(full):
