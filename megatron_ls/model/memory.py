@@ -20,8 +20,3 @@ def update_memory(memory: torch.Tensor | None, hidden: torch.Tensor, mem_length:
     keep = min(memory.shape[1], mem_length - N)
     return torch.cat([memory[:, memory.shape[1] - keep:].detach(), hidden], dim=1)
 
-
-def memory_length(memory: list[torch.Tensor] | None) -> int:
-    if not memory:
-        return 0
-    return memory[0].shape[1]
