@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from megatron_ls.inference.errors import InferenceError
+from megatron_ls.inference.errors import InferenceError, run_cli
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -83,9 +83,4 @@ def convert(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        print(convert(args))
-    except InferenceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: print(convert(args)))

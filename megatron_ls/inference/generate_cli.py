@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_ls.inference.errors import InferenceError
+from megatron_ls.inference.errors import InferenceError, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,9 +94,4 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except InferenceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: run(args))
