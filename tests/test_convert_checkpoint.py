@@ -146,9 +146,10 @@ def test_tp2_pp2_to_consolidated_and_back_to_tp1(tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_tp2_dp2_to_consolidated(tmp_path):
+def test_zero3_tp2_dp2_to_consolidated(tmp_path, capsys):
     """ZeRO-3 module states are placeholders: the weights come from the optimizer partitions, per TP rank."""
     from megatron_ls.checkpoint_convert.cli import main
+    from megatron_ls.inference.model_source import load_model
 
     out = str(tmp_path)
     run_distributed(train_and_save, 4, out, 2, 1, 3, timeout=240)
@@ -156,3 +157,6 @@ def test_zero3_tp2_dp2_to_consolidated(tmp_path):
     assert main(["--load", os.path.join(out, "ckpt"), "--output", cons]) == 0
     original = torch.load(os.path.join(out, "logits.pt"))
     assert (consolidated_logits(cons) - original).abs().max().item() < 1e-5
+    capsys.readouterr()
+    load_model(os.path.join(out, "ckpt"))  # what generate.py / evaluate.py do with a training checkpoint
+    assert capsys.readouterr().out == "", "zero_to_fp32's progress reached stdout (generate.py's text)"

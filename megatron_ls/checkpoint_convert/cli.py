@@ -7,9 +7,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import sys
 
 import torch
 
@@ -41,8 +39,7 @@ def _read_source(path: str):
         return {k: v.float() for k, v in state.items()}, config, read_tokenizer_description(path), path, 0
     from megatron_ls.checkpoint_convert.read_training import read_training_checkpoint
 
-    with contextlib.redirect_stdout(sys.stderr):  # zero_to_fp32 prints its progress
-        ckpt, state = read_training_checkpoint(path)
+    ckpt, state = read_training_checkpoint(path)
     return state, ckpt.config, ckpt.tokenizer, ckpt.tokenizer_base_dir, int(ckpt.info.get("iteration", 0))
 
 

@@ -12,8 +12,10 @@ config, the tokenizer description and the TP / PP layout beside DeepSpeed's file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,7 +130,9 @@ def _zero_fp32(ckpt: TrainingCheckpoint, tp_rank: int) -> dict[str, torch.Tensor
         for n in mine:
             os.symlink(os.path.join(os.path.abspath(ckpt.path), n), os.path.join(tmp, n))
         try:
-            state = _get_fp32_state_dict_from_zero_checkpoint(tmp, exclude_frozen_parameters=False)
+            # zero_to_fp32 prints its progress: keep it off stdout, where generate.py writes its text.
+            with contextlib.redirect_stdout(sys.stderr):
+                state = _get_fp32_state_dict_from_zero_checkpoint(tmp, exclude_frozen_parameters=False)
         except (ValueError, FileNotFoundError) as e:
             raise InferenceError(f"cannot merge the ZeRO shards of {ckpt.path} (TP rank {tp_rank}): {e}") from None
         return to_torch_tensor(state)
