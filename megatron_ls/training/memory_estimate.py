@@ -1,0 +1,316 @@
+"""Analytic peak memory per GPU of a training layout: weights, gradients, optimizer, activations, memory cache.
+
+Counts what this code base and DeepSpeed 0.19.8 actually allocate (checked by tests/test_memory_estimate.py):
+
+- parameters: counted from the config exactly as the modules build them (TP shards, replicated norms and biases,
+  the tied embedding on the first and the last pipeline stage).
+- precision and ZeRO, per parameter of this rank (s = 2 for bf16/fp16, 4 for fp32; dp = data-parallel size):
+
+      stage  parameters  gradients               optimizer (Adam)
+      0      s           s (+4 fp32 copy, half)  8 (fp32) / 12 (half: fp32 master + 2 moments)
+      1      s           s + 4/dp                12/dp (DeepSpeed keeps an fp32 master partition even in fp32)
+      2      s           s/dp + 4/dp             12/dp
+      3      s/dp        s/dp + 4/dp             12/dp
+
+  plus ZeRO 1/2's gradient-reduction bucket (reduce_bucket_size elements, two with overlap_comm) and ZeRO 3's
+  gathered parameters of one layer (+ its prefetch bucket).
+- activations: the tensors autograd saves for the backward, per layer, counted the way the layer, the blocked
+  core (CPU) or the fused kernel (CUDA), the MLP and the loss save them; with activation checkpointing only each
+  layer's input plus one layer's worth during the recompute. Pipelines keep min(pp - stage, micro-batches)
+  micro-batches in flight on a stage (1F1B).
+- memory cache: per layer (B, M, D) per micro-batch of the step, plus the next segment's being written.
+- workspace: one more layer's worth (the gradients flowing through the layer in its backward) and the loss's
+  fp32 logits and their gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from megatron_ls.model.attention.blocked import default_block_size
+from megatron_ls.model.attention.common import landmark_distance_rows
+from megatron_ls.model.config import TransformerLSConfig
+
+GiB = 1024 ** 3
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DEFAULT_REDUCE_BUCKET = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default (elements)
+DEFAULT_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size default (elements)
+_STATS = 8  # LayerNorm's saved mean and rstd, fp32, per row
+_MAX_SCORES = 1 << 23  # the blocked core's default group bound (attention/blocked.py)
+
+
+@dataclass(frozen=True)
+class TrainingLayout:
+    """How one training run is laid out over GPUs (what the estimate depends on besides the model)."""
+
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero_stage: int = 0
+    checkpoint_activations: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    attention_impl: str = "blocked"  # what runs the long-short core: blocked (CPU) or fused (CUDA)
+    device: str = "cuda"  # cuda | cpu: CPU dropout keeps its mask in the activation dtype, CUDA as one byte
+    reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET
+    overlap_comm: bool = False
+
+    def describe(self) -> str:
+        ckpt = " ckpt" if self.checkpoint_activations else ""
+        return (f"TP{self.tp} PP{self.pp} DP{self.dp} ZeRO-{self.zero_stage}{ckpt} micro {self.micro_batch_size}"
+                f" x{self.grad_accum_steps} {self.precision}")
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU on the most loaded pipeline stage."""
+
+    params: int
+    grads: int
+    optimizer: int
+    buffers: int
+    activations: int
+    memory_cache: int
+    workspace: int
+    stage: int = 0
+    layers_on_stage: int = 0
+    params_on_stage: int = 0
+    detail: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return (self.params + self.grads + self.optimizer + self.buffers + self.activations + self.memory_cache
+                + self.workspace)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+    def line(self, device_bytes: int | None = None) -> str:
+        gib = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+        text = (f"memory estimate per GPU (stage {self.stage}, {self.layers_on_stage} layers): "
+                f"params {gib(self.params)} + grads {gib(self.grads)} + optimizer {gib(self.optimizer)}"
+                f" + buffers {gib(self.buffers)}"
+                f" + activations {gib(self.activations)} + memory cache {gib(self.memory_cache)}"
+                f" + workspace {gib(self.workspace)} = {gib(self.total)} GiB")
+        if device_bytes is not None:
+            text += f" of {gib(device_bytes)} GiB"
+        return text
+
+
+# ---- parameters --------------------------------------------------------------------------------------------------
+def layer_parameters(config: TransformerLSConfig, tp: int = 1) -> int:
+    """Parameters of one transformer layer held by one TP rank (as the modules build them)."""
+    D, F, H, r = config.hidden_size, config.ffn_hidden_size, config.num_attention_heads, config.chunk_rank
+    Dl, Fl = D // tp, F // tp
+    n = 2 * D + 2 * D  # ln_attn, ln_mlp (replicated)
+    n += D * Dl + D  # output projection (row-parallel: split weight, replicated bias)
+    n += Fl * D + Fl + D * Fl + D  # fc1 (column), fc2 (row)
+    if config.attention_type == "full":
+        return n + 3 * (Dl * D + Dl)
+    n += 3 * (Dl * D + Dl) + Dl * D  # q, k, v, R_w
+    n += 2 * Dl + 2 * Dl  # u, v biases; ln_win
+    if config.attention_type == "long-short":
+        n += (H * r // tp) * D + H * r // tp  # dynamic projection
+        n += Dl * D + Dl + 2 * Dl  # R_c, ln_lm
+    return n
+
+
+def embedding_parameters(config: TransformerLSConfig, tp: int = 1) -> int:
+    return config.padded_vocab_size(tp) // tp * config.hidden_size
+
+
+def stage_layers(num_layers: int, pp: int) -> list[int]:
+    """Transformer layers per pipeline stage, as DeepSpeed's 'type:' partitioning splits them."""
+    if pp == 1:
+        return [num_layers]
+    from deepspeed.runtime.utils import partition_balanced
+
+    weights = [0] + [1] * num_layers + [0, 0]  # embedding, layers, final norm, output (model/pipeline.py)
+    bounds = partition_balanced(weights, pp)
+    return [sum(weights[bounds[i]:bounds[i + 1]]) for i in range(pp)]
+
+
+def stage_parameters(config: TransformerLSConfig, tp: int, pp: int) -> list[int]:
+    """Parameters per pipeline stage on one TP rank; the tied embedding sits on the first and the last stage."""
+    emb = embedding_parameters(config, tp)
+    per_layer = layer_parameters(config, tp)
+    out = []
+    for s, n_layers in enumerate(stage_layers(config.num_layers, pp)):
+        n = n_layers * per_layer
+        if s == 0:
+            n += emb
+        if s == pp - 1:
+            n += 2 * config.hidden_size  # final LayerNorm
+            if pp > 1 or not config.tie_embeddings:
+                n += emb  # the tied copy of the last stage, or the untied output layer
+        out.append(n)
+    return out
+
+
+def state_bytes(n_params: int, layout: TrainingLayout) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer) bytes for n_params parameters under the layout's precision and ZeRO."""
+    s = DTYPE_BYTES[layout.precision]
+    dp, z = layout.dp, layout.zero_stage
+    shard = lambda per: math.ceil(n_params * per / dp)  # noqa: E731
+    if z == 0:
+        params = n_params * s
+        grads = n_params * s + (n_params * 4 if s != 4 else 0)
+        optimizer = n_params * (8 if s == 4 else 12)
+    else:
+        params = shard(s) if z == 3 else n_params * s
+        grads = (shard(s) if z >= 2 else n_params * s) + shard(4)
+        optimizer = shard(12)
+    return params, grads, optimizer
+
+
+def buffer_bytes(config: TransformerLSConfig, layout: TrainingLayout, n_params: int) -> int:
+    """DeepSpeed's own allocations that scale with its bucket settings, not with the model."""
+    s = DTYPE_BYTES[layout.precision]
+    if layout.zero_stage in (1, 2):
+        # ZeRO-1 reduces into an fp32 accumulator, ZeRO-2 into a low-precision one (stage_1_and_2.py).
+        per = 4 if layout.zero_stage == 1 else s
+        return layout.reduce_bucket_size * per * (2 if layout.overlap_comm else 1)
+    if layout.zero_stage == 3:
+        gathered = layer_parameters(config, layout.tp) * s  # the layer being computed, all-gathered
+        prefetch = min(DEFAULT_PREFETCH_BUCKET, n_params) * s
+        return gathered + prefetch + min(layout.reduce_bucket_size, n_params) * s
+    return 0
+
+
+# ---- activations -------------------------------------------------------------------------------------------------
+def _layer_norm_saved(rows: int, width: int, s: int, tp: int) -> int:
+    """Bytes a LayerNorm over `width` channels (TP-split when tp > 1) saves besides its input."""
+    if tp == 1:
+        return rows * _STATS
+    # TensorParallelLayerNorm: centered and normalised values in fp32, rstd per row.
+    return rows * (2 * width // tp * 4 + 4) + (rows * width // tp * 4 if s != 4 else 0)
+
+
+def blocked_core_bytes(B: int, N: int, M: int, Hl: int, dh: int, config: TransformerLSConfig, s: int,
+                       landmarks: bool) -> dict[str, int]:
+    """What attention/blocked.py saves for the backward, group by group."""
+    w, c, r = config.window_size, config.chunk_size, config.chunk_rank
+    b = default_block_size(w, N)
+    n_blocks = math.ceil(N / b)
+    L = math.ceil(w / b) * b + b
+    n_lm = (M + N) // c * r if landmarks else 0
+    group = max(1, min(n_blocks, _MAX_SCORES // max(B * Hl * b * (L + n_lm), 1)))
+    rows = B * Hl * dh  # elements per position of one (B, H, ., dh) tensor
+    n_dist_rows = landmark_distance_rows((M + N) // c, config.max_landmark_distance)
+    out = {"core_q": (3 if landmarks else 2) * n_blocks * b * rows * s,  # qs, q+u, q+v (block-major)
+           "core_r_win": Hl * w * dh * s, "core_k_tiles": 0, "core_v_tiles": 0, "core_probs": 0, "core_index": 0,
+           "core_broadcast": 0, "core_pos_lm": 0}
+    prob_bytes = 4 + (s if s != 4 else 0)  # fp32 softmax output, plus its low-precision copy the matmul keeps
+    for g0 in range(0, n_blocks, group):
+        nb = min(n_blocks, g0 + group) - g0
+        last_q = min((g0 + nb) * b, N) - 1
+        n_vis = (M + last_q) // c * r if n_lm else 0
+        out["core_k_tiles"] += nb * L * rows * s
+        out["core_v_tiles"] += nb * (L + n_vis) * rows * s
+        out["core_probs"] += nb * b * B * Hl * (L + n_vis) * prob_bytes
+        out["core_index"] += nb * b * n_vis * 8  # the landmark-distance gather index (int64)
+        # torch.matmul broadcasts the per-head operands R_w, R_c and the landmark keys over the blocks of the
+        # group and keeps those expanded copies; the landmark distance term is kept by its gather.
+        n_dist = min(n_dist_rows, n_vis // r) if n_vis else 0
+        out["core_broadcast"] += nb * rows * (w + (n_dist + n_vis if n_vis else 0)) * s
+        out["core_pos_lm"] += nb * b * B * Hl * (n_dist + 1) * s if n_vis else 0
+    if config.attention_dropout > 0:
+        out["core_dropout"] = out["core_probs"] // prob_bytes
+    return out
+
+
+def layer_activation_bytes(config: TransformerLSConfig, B: int, N: int, M: int, tp: int = 1, precision: str = "fp32",
+                           attention_impl: str = "blocked", device: str = "cuda") -> dict[str, int]:
+    """Bytes one layer saves for its backward, by tensor group (memory (B, M, D) itself excluded: it is the cache)."""
+    s = DTYPE_BYTES[precision]
+    D, F, H, w, c, r = (config.hidden_size, config.ffn_hidden_size, config.num_attention_heads, config.window_size,
+                        config.chunk_size, config.chunk_rank)
+    Dl, Fl, Hl, dh = D // tp, F // tp, H // tp, D // H
+    drop = 0 if config.dropout == 0 else 1 if device == "cuda" else s  # dropout's mask (CPU: activation dtype)
+    T = M + N
+    a = {"ln_attn": B * N * D * s + B * T * _STATS, "qkv_input": B * N * D * s}
+    a["out_proj_input"] = B * N * Dl * s
+    a["attn_dropout_mask"] = drop * B * N * D
+    a["ln_mlp"] = B * N * D * s + B * N * _STATS
+    a["mlp"] = B * N * D * s + 2 * B * N * Fl * s + drop * B * N * (Fl + D)
+    if config.attention_type == "full":
+        if M:
+            a["qkv_input"] += B * T * D * s  # [memory ; segment] for K and V
+        a["core"] = B * N * Dl * s * 2 + B * T * Dl * s * 2 + B * Hl * N * 4  # q, k, v, out, logsumexp (flash)
+        if M and device != "cuda":
+            a["core"] += N * T * 4  # CPU SDPA materialises the lower-right causal mask and keeps it
+        return a
+    landmarks = config.attention_type == "long-short"
+    P = min(M, w - 1)
+    S = P + N
+    a["kv_input"] = (B * S * D * s if P else 0) + 2 * Dl * D * s  # the window span and the [Wk; Wv] concatenation
+    a["ln_win"] = B * S * 2 * Dl * s + 2 * _layer_norm_saved(B * S, D, s, tp)
+    a["r_win"] = w * D * s
+    if landmarks:
+        nl = T // c * r
+        n_dist = landmark_distance_rows(T // c, config.max_landmark_distance)
+        a["landmarks"] = ((B * T * D * s if M else 0) + B * T * Hl * r * (4 + (s if s != 4 else 0))
+                          + Hl * B * nl * D * s + 2 * Dl * D * s)  # stream, chunk softmax, compressed rows, W
+        a["ln_lm"] = 2 * B * nl * Dl * s + 2 * _layer_norm_saved(B * nl, D, s, tp)
+        a["r_lm"] = n_dist * D * s + n_dist * Dl * s
+    if attention_impl == "fused":
+        # The kernel keeps contiguous copies of q, window k/v, landmark k/v, the output and the row logsumexp.
+        nl = T // c * r if landmarks else 0
+        a["core"] = 2 * B * N * Dl * s + 2 * B * S * Dl * s + 2 * B * nl * Dl * s + B * Hl * N * 4 + Hl * w * dh * s
+    else:
+        if landmarks:
+            a["ln_lm"] += B * (T // c * r) * Dl * s  # landmark keys, read by the core's matmul
+        a.update(blocked_core_bytes(B, N, M, Hl, dh, config, s, landmarks))
+    return a
+
+
+def head_activation_bytes(config: TransformerLSConfig, B: int, N: int, tp: int, precision: str,
+                          first: bool, last: bool, device: str = "cuda") -> dict[str, int]:
+    """Embedding (first stage) and final norm + logits + loss (last stage) saved tensors."""
+    s = DTYPE_BYTES[precision]
+    D, V = config.hidden_size, config.padded_vocab_size(tp) // tp
+    out = {}
+    if first:
+        mask = 0 if config.dropout == 0 else 1 if device == "cuda" else s
+        out["embedding"] = B * N * 8 + B * N * D * mask
+    if last:
+        out["final_norm"] = B * N * D * s + B * N * _STATS
+        out["logits_input"] = B * N * D * s
+        out["loss"] = B * N * V * 4 + B * N * 8  # fp32 softmax (or log-softmax) and the targets
+    return out
+
+
+# ---- the whole estimate ------------------------------------------------------------------------------------------
+def estimate_memory(config: TransformerLSConfig, seq_length: int, mem_length: int | None,
+                    layout: TrainingLayout) -> MemoryEstimate:
+    """Peak bytes per GPU of training `config` on segments of `seq_length` tokens with `mem_length` of memory."""
+    M = config.mem_length if mem_length is None else mem_length
+    N, B, tp, pp = seq_length, layout.micro_batch_size, layout.tp, layout.pp
+    s = DTYPE_BYTES[layout.precision]
+    layer = layer_activation_bytes(config, B, N, M, tp, layout.precision, layout.attention_impl, layout.device)
+    layer_total = sum(layer.values())
+    best = None
+    for stage, (n_layers, n_params) in enumerate(zip(stage_layers(config.num_layers, pp),
+                                                     stage_parameters(config, tp, pp))):
+        first, last = stage == 0, stage == pp - 1
+        head = head_activation_bytes(config, B, N, tp, layout.precision, first, last, layout.device)
+        in_flight = min(pp - stage, layout.grad_accum_steps) if pp > 1 else 1
+        if layout.checkpoint_activations:
+            per_micro = n_layers * B * N * config.hidden_size * s + sum(head.values())
+            activations = per_micro * in_flight + layer_total  # inputs kept, one layer recomputed
+        else:
+            activations = (n_layers * layer_total + sum(head.values())) * in_flight
+        params, grads, optimizer = state_bytes(n_params, layout)
+        cache = n_layers * (layout.grad_accum_steps + 1) * B * M * config.hidden_size * s if M else 0
+        V = config.padded_vocab_size(tp) // tp
+        workspace = layer_total + (2 * B * N * V * 4 if last else 0)
+        est = MemoryEstimate(params=params, grads=grads, optimizer=optimizer,
+                             buffers=buffer_bytes(config, layout, n_params), activations=activations,
+                             memory_cache=cache, workspace=workspace, stage=stage, layers_on_stage=n_layers,
+                             params_on_stage=n_params, detail={**{f"layer.{k}": v for k, v in layer.items()},
+                                                               **{f"head.{k}": v for k, v in head.items()}})
+        if best is None or est.total > best.total:
+            best = est
+    return best
