@@ -28,6 +28,7 @@ from megatron_ls.training.memory_estimate import (
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import training_utils as tu  # noqa: E402
 from distributed import run_distributed  # noqa: E402
 
 ACT_TOLERANCE = 0.10  # measured agreement is about 1 %; 10 % leaves room for torch versions
@@ -200,5 +201,51 @@ def test_forward_allocation_matches_estimate_cuda():
 def test_estimate_line_names_every_part():
     est = estimate_memory(_config(mem_length=64), 64, 64, TrainingLayout())
     line = est.line(16 * GiB)
-    for part in ("params", "grads", "optimizer", "activations", "memory cache", "of 16.00 GiB"):
+    for part in ("params", "grads", "optimizer", "activations", "memory cache", "of 16.00 GiB", "MiB"):
         assert part in line
+
+
+# ---- pretrain_char_lm.py's check ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tu.make_shards(str(tmp_path_factory.mktemp("data") / "pydoc"))
+
+
+def _run_args(data: str) -> list[str]:
+    return ["--data-path", data, *tu.TINY, "--train-iters", "1", "--eval-iters", "0", "--global-batch-size", "4"]
+
+
+def _estimate_total(argv: list[str], world: int) -> int:
+    """The estimate pretrain_char_lm.py computes for these flags, on CPU."""
+    from megatron_ls.training.arguments import finalize_args, parse_args
+    from megatron_ls.training.ds_config import build_ds_config
+    from megatron_ls.training.memory_check import training_layout
+
+    args = finalize_args(parse_args(argv), world_size=world)
+    ds = build_ds_config(args, on_cpu=True)
+    cfg = TransformerLSConfig(**{**args.model, "vocab_size": 256}, seq_length=args.seq_length)
+    return estimate_memory(cfg, args.seq_length, cfg.mem_length, training_layout(args, cfg, ds, "cpu")).total
+
+
+def test_refuses_a_layout_that_cannot_fit_on_every_rank(data):
+    argv = _run_args(data)
+    need, with_ckpt = _estimate_total(argv, 2), _estimate_total(argv + ["--checkpoint-activations"], 2)
+    assert with_ckpt < need
+    limit_gib = str((need + with_ckpt) / 2 / 0.95 / GiB)  # fits only with checkpointing
+    results = tu.wait_all(tu.spawn_ranks(argv + ["--device-memory-gib", limit_gib], 2), timeout=120)
+    for rc, _, err in results:
+        assert rc != 0
+        lines = tu.error_lines(err)
+        assert len(lines) == 1, err
+        assert "needs about" in lines[0] and "add --checkpoint-activations" in lines[0], lines[0]
+    # The suggested change passes the check and trains; the estimate is printed once, by rank 0.
+    results = tu.wait_all(tu.spawn_ranks(argv + ["--device-memory-gib", limit_gib, "--checkpoint-activations"], 2),
+                          timeout=180)
+    assert [rc for rc, _, _ in results] == [0, 0], results[0][2][-2000:]
+    assert results[0][1].count("memory estimate per rank") == 1 and "memory estimate" not in results[1][1]
+
+
+def test_skip_memory_check_runs_anyway(data):
+    result = tu.run(_run_args(data) + ["--device-memory-gib", "0.0001", "--skip-memory-check"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "memory estimate per rank" in result.stdout and "of 0.1 MiB" in result.stdout

@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
     g.add_argument("--checkpoint-activations", action="store_true")
+    g.add_argument("--device-memory-gib", type=float,
+                   help="memory per device for the start-up memory check [CUDA: the card's; CPU: available RAM "
+                        "/ local processes]")
+    g.add_argument("--skip-memory-check", action="store_true",
+                   help="start even when the memory estimate exceeds the device (the estimate is still printed)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", help="shard prefix written by tools/preprocess_data.py (PREFIX_train, PREFIX_valid)")
@@ -214,6 +219,8 @@ def finalize_args(args: argparse.Namespace, world_size: int | None = None) -> ar
         raise ConfigError(f"--pipeline-model-parallel-size ({pp}) exceeds --num-layers ({model['num_layers']})")
     args.data_parallel_size = world_size // (tp * pp)
 
+    if args.device_memory_gib is not None and args.device_memory_gib <= 0:
+        raise ConfigError(f"--device-memory-gib must be > 0, got {args.device_memory_gib}")
     if args.finetune and not args.load:
         raise ConfigError("--finetune needs --load (the checkpoint whose weights start this run)")
     if args.save_interval is not None and args.save_interval < 1:

@@ -18,11 +18,12 @@ from megatron_ls.parallel.mpu import ParallelConfigError
 
 from . import checkpointing as ckpt
 from .arguments import finalize_args, parse_args
-from .collectives import barrier
+from .collectives import agree, barrier
 from .ds_config import build_ds_config, write_ds_config
 from .errors import ConfigError, TrainingError
 from .evaluation import evaluate
 from .logging import TrainingLogger, error_line, print_rank0
+from .memory_check import check_memory
 from .signals import StopSignals
 
 USER_ERRORS = (TrainingError, DataError, ParallelConfigError)
@@ -119,6 +120,10 @@ def train(argv: list[str] | None = None) -> int:
     if on_cpu:
         _share_cpu_cores()
     layout = init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, config)
+    # Agreed across ranks: free RAM (the CPU default) is read per rank and could tip one rank alone.
+    estimate, device_bytes = agree(lambda: check_memory(args, config, ds_config, layout.device.type,
+                                                        layout.local_rank), "the memory check")
+    print_rank0(estimate.line(device_bytes))
     from .engine import build_engine
 
     train_data = _lanes(train_tokens, args, layout.dp_rank, layout.dp, "train")
