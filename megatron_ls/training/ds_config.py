@@ -144,9 +144,12 @@ def build_ds_config(args: argparse.Namespace, on_cpu: bool) -> dict[str, Any]:
     params.setdefault("betas", [args.adam_beta1, args.adam_beta2])
     params.setdefault("eps", args.adam_eps)
     params.setdefault("weight_decay", args.weight_decay)
-    if on_cpu and str(opt["type"]).lower() in ("adam", "adamw"):
-        # DeepSpeed's FusedAdam is a CUDA/JIT op; torch's Adam needs no build on CPU.
+    if str(opt["type"]).lower() in ("adam", "adamw"):
+        # torch's Adam(W) needs no build (DeepSpeed's FusedAdam is JIT-compiled with nvcc at start-up, and is a
+        # CUDA op); on CUDA its fused kernel updates every parameter of the step in one launch, as FusedAdam does.
         params.setdefault("torch_adam", True)
+        if params["torch_adam"] and not on_cpu:
+            params.setdefault("fused", True)
 
     if "scheduler" not in cfg:
         cfg["scheduler"] = scheduler_config(args.lr_decay_style, args.lr, args.min_lr, args.lr_warmup_iters,

@@ -20,7 +20,7 @@ Counts what this code base and DeepSpeed 0.19.8 actually allocate (checked by te
   micro-batches in flight on a stage (1F1B).
 - memory cache: per layer (B, M, D) per micro-batch of the step, plus the next segment's being written.
 - workspace: one more layer's worth (the gradients flowing through the layer in its backward) and the loss's
-  fp32 logits and their gradient.
+  backward (the logits' gradient and its fp32 chunks).
 """
 
 from __future__ import annotations
@@ -88,15 +88,18 @@ class MemoryEstimate:
         return {**asdict(self), "total": self.total}
 
     def line(self, device_bytes: int | None = None) -> str:
-        gib = lambda b: f"{b / GiB:.2f}"  # noqa: E731
-        text = (f"memory estimate per GPU (stage {self.stage}, {self.layers_on_stage} layers): "
-                f"params {gib(self.params)} + grads {gib(self.grads)} + optimizer {gib(self.optimizer)}"
-                f" + buffers {gib(self.buffers)}"
-                f" + activations {gib(self.activations)} + memory cache {gib(self.memory_cache)}"
-                f" + workspace {gib(self.workspace)} = {gib(self.total)} GiB")
+        text = (f"memory estimate per rank (pipeline stage {self.stage}, {self.layers_on_stage} layers): "
+                f"params {fmt_bytes(self.params)} + grads {fmt_bytes(self.grads)} + optimizer "
+                f"{fmt_bytes(self.optimizer)} + buffers {fmt_bytes(self.buffers)} + activations "
+                f"{fmt_bytes(self.activations)} + memory cache {fmt_bytes(self.memory_cache)} + workspace "
+                f"{fmt_bytes(self.workspace)} = {fmt_bytes(self.total)}")
         if device_bytes is not None:
-            text += f" of {gib(device_bytes)} GiB"
+            text += f" of {fmt_bytes(device_bytes)}"
         return text
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB // 10 else f"{n / 2**20:.1f} MiB"
 
 
 # ---- parameters --------------------------------------------------------------------------------------------------
@@ -278,8 +281,21 @@ def head_activation_bytes(config: TransformerLSConfig, B: int, N: int, tp: int, 
     if last:
         out["final_norm"] = B * N * D * s + B * N * _STATS
         out["logits_input"] = B * N * D * s
-        out["loss"] = B * N * V * 4 + B * N * 8  # fp32 softmax (or log-softmax) and the targets
+        if tp == 1:  # the chunked loss keeps the logits themselves, the row logsumexp and the targets
+            out["loss"] = B * N * V * s + B * N * (4 + 8)
+        else:  # the vocab-parallel loss keeps its fp32 softmax, the targets and their local-range mask
+            out["loss"] = B * N * V * 4 + B * N * (8 + 1)
     return out
+
+
+def loss_workspace_bytes(config: TransformerLSConfig, B: int, N: int, tp: int, s: int) -> int:
+    """Transient bytes of the loss's backward: the logits' gradient, plus fp32 chunks (TP=1) or copies (TP>1)."""
+    from megatron_ls.parallel.cross_entropy import CHUNK_ELEMENTS
+
+    V = config.padded_vocab_size(tp) // tp
+    if tp == 1:
+        return B * N * V * s + 2 * min(CHUNK_ELEMENTS, B * N * V) * 4
+    return B * N * V * s + 2 * B * N * V * 4
 
 
 # ---- the whole estimate ------------------------------------------------------------------------------------------
@@ -304,8 +320,7 @@ def estimate_memory(config: TransformerLSConfig, seq_length: int, mem_length: in
             activations = (n_layers * layer_total + sum(head.values())) * in_flight
         params, grads, optimizer = state_bytes(n_params, layout)
         cache = n_layers * (layout.grad_accum_steps + 1) * B * M * config.hidden_size * s if M else 0
-        V = config.padded_vocab_size(tp) // tp
-        workspace = layer_total + (2 * B * N * V * 4 if last else 0)
+        workspace = layer_total + (loss_workspace_bytes(config, B, N, tp, s) if last else 0)
         est = MemoryEstimate(params=params, grads=grads, optimizer=optimizer,
                              buffers=buffer_bytes(config, layout, n_params), activations=activations,
                              memory_cache=cache, workspace=workspace, stage=stage, layers_on_stage=n_layers,
