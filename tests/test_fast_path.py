@@ -86,3 +86,50 @@ def test_chunked_cross_entropy_keeps_no_fp32_copy_of_bf16_logits():
     full_fp32 = logits.numel() * 4
     assert all(not (dtype == torch.float32 and n >= full_fp32) for n, dtype in saved.values()), saved
     assert sum(n for n, _ in saved.values()) < logits.numel() * 2 + 4 * 64 * (4 + 8) + 1
+
+
+# ---- the FLOPs counter behind bench/train_throughput.py's MFU -----------------------------------------------------
+def _linear_flops_by_module(config, M: int) -> dict[str, int]:
+    """FLOPs torch's counter attributes to each Linear of a one-sequence forward of N = 64 tokens, M of memory."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_ls.model.lm import TransformerLSLM
+
+    model = TransformerLSLM(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (1, 64))
+    memory = [torch.randn(1, M, config.hidden_size) for _ in range(config.num_layers)] if M else None
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(tokens, memory)
+    return {name: sum(v.values()) for name, v in counter.get_flop_counts().items()}
+
+
+@pytest.mark.parametrize("attention_type", ["long-short", "full"])
+def test_flops_of_projections_and_mlp_match_torch_counter(attention_type):
+    from megatron_ls.model.config import TransformerLSConfig
+    from megatron_ls.training.flops import layer_forward_flops
+
+    cfg = TransformerLSConfig(vocab_size=256, num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
+                              window_size=32, chunk_size=8, mem_length=64, attention_type=attention_type)
+    M = 64 if attention_type == "long-short" else 0  # FlopCounterMode cannot trace full's lower-right causal bias
+    counted = _linear_flops_by_module(cfg, M)
+    ours = layer_forward_flops(cfg, 64, M)
+    prefix = "TransformerLSLM.layers.0."
+    mlp = counted[prefix + "mlp.fc1"] + counted[prefix + "mlp.fc2"]
+    assert ours["mlp"] == mlp
+    q_o = counted[prefix + "attention.query"] + counted[prefix + "attention.dense"]
+    assert ours["q_o"] == q_o
+    if attention_type == "full":
+        assert ours["k_v"] == counted[prefix + "attention.key"] + counted[prefix + "attention.value"]
+    else:
+        assert ours["r_win"] == counted[prefix + "attention.r_win_net"]
+
+
+def test_flops_scale_linearly_for_long_short_and_quadratically_for_full():
+    from megatron_ls.model.config import TransformerLSConfig
+    from megatron_ls.training.flops import training_flops
+
+    ls = TransformerLSConfig.from_preset("enwik8-12l", mem_length=0)
+    full = TransformerLSConfig.from_preset("enwik8-12l", mem_length=0, attention_type="full")
+    ratio_ls = training_flops(ls, 1, 8192, 0) / training_flops(ls, 1, 2048, 0)
+    ratio_full = training_flops(full, 1, 8192, 0) / training_flops(full, 1, 2048, 0)
+    assert 4.0 <= ratio_ls < 4.6 and ratio_full > 5.0  # landmarks grow slowly; full attention's scores quadratically
