@@ -71,7 +71,7 @@ class LongShortSelfAttention(nn.Module):
         self.ln_win = TensorParallelLayerNorm(D, eps=config.layernorm_epsilon)
         if self.use_landmarks:
             self.dproj = ColumnParallelLinear(D, H * config.chunk_rank, init_method=init)
-            self.r_lm_net = ColumnParallelLinear(D, D, init_method=init)
+            self.r_lm_net = ColumnParallelLinear(D, D, bias=False, init_method=init)  # R_c, like R_w: no bias
             self.ln_lm = TensorParallelLayerNorm(D, eps=config.layernorm_epsilon)
         self.dense = RowParallelLinear(D, D, init_method=output_init(config))
         self.dropout = nn.Dropout(config.dropout)

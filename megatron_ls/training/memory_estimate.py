@@ -116,7 +116,7 @@ def layer_parameters(config: TransformerLSConfig, tp: int = 1) -> int:
     n += 2 * Dl + 2 * Dl  # u, v biases; ln_win
     if config.attention_type == "long-short":
         n += (H * r // tp) * D + H * r // tp  # dynamic projection
-        n += Dl * D + Dl + 2 * Dl  # R_c, ln_lm
+        n += Dl * D + 2 * Dl  # R_c (no bias, like R_w), ln_lm
     return n
 
 
