@@ -6,11 +6,13 @@ setup(
     description="Megatron/DeepSpeed-style training of the Long-Short Transformer as a character LM",
     packages=find_packages(include=["megatron_ls", "megatron_ls.*"]),
     python_requires=">=3.10",
-    # torch is pinned by requirements.txt and installed first (see scripts/setup_env.sh);
+    # torch==2.13.0 is installed first by scripts/setup_env.sh, not listed here:
     # a bare range here would let pip pull a CUDA build on a machine without it.
-    install_requires=["numpy", "tqdm"],
+    # Enough to load a consolidated checkpoint, evaluate and sample (no DeepSpeed needed).
+    install_requires=["numpy", "tqdm", "safetensors"],
     extras_require={
-        "train": ["deepspeed==0.19.8", "tensorboard", "sentencepiece", "safetensors"],
+        "train": ["deepspeed==0.19.8", "tensorboard"],
+        "sentencepiece": ["sentencepiece"],
     },
     entry_points={
         "console_scripts": [

@@ -15,5 +15,7 @@ echo "[setup] creating/updating $venv" >&2
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install torch==2.13.0
 "${pip[@]}" install --no-build-isolation -r "$root/requirements.txt"
+# CUDA torch pins its own triton; the CPU build has none, and the kernel tests run it interpreted.
+"$venv/bin/python" -c "import triton" 2>/dev/null || "${pip[@]}" install triton==3.9.0
 "${pip[@]}" install --no-build-isolation --no-deps -e "$root"
 echo "$want" > "$stamp"
