@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check for a GPU machine (< 8 minutes): every CUDA test, bench/attention.py (bf16, 32K tokens
-# per step) for fused / full / window, each other fused-kernel tile checked against the reference, and
-# a short table last. Usage: bash bench/gpu_check.sh   (PYTHON=... to pick the interpreter)
+# per step) for fused / full / window, whole-model throughput and the memory estimate, each other
+# fused-kernel tile checked against the reference, and a short table last. Usage: bash bench/gpu_check.sh   (PYTHON=... to pick the interpreter)
 # Logs and JSON go to bench/results/gpu_check/.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -48,6 +48,17 @@ for mr in 0 1; do
     --impls fused,full,window --mem-ratio $mr --repeat 10 --no-layer --output "$out/attention-m$mr.json" \
     2>&1 | tee "$out/bench_m$mr.log" | grep -v '^wrote'; rc[bench_m$mr]=${PIPESTATUS[0]}
 done
+
+# 2b. Whole model (enwik8-12l): tokens/s long-short vs full (issue 6: >= 1.5x at 8K, >= 3x at 32K), and the
+#     memory estimate against a measured 2-layer slice on this card.
+status "bench/train_throughput.py enwik8-12l"
+timeout "$(cap 120)" "$PY" bench/train_throughput.py --device cuda --presets enwik8-12l --types long-short,full \
+  --sizes 8192,32768 --steps 5 --warmup 2 --output "$out/train_throughput.json" > "$out/train_throughput.log" 2>&1
+rc[train_tput]=$?; tail -8 "$out/train_throughput.log"
+status "bench/memory.py enwik8-30l N=8192, measured 2-layer slice"
+timeout "$(cap 40)" "$PY" bench/memory.py --preset enwik8-30l --seq-length 8192 --gpus 8 --precision bf16 \
+  --device cuda --measure-layers 2 --output "$out/memory.json" > "$out/memory.log" 2>&1
+rc[memory]=$?; tail -6 "$out/memory.log"
 
 # 3. The other autotune tiles on the bf16 cases (the benchmark may pick any of them).
 for tile in 1 2 3; do
