@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot check for a GPU machine (< 8 minutes): every CUDA test, bench/attention.py (bf16, 32K tokens
 # per step) for fused / full / window, whole-model throughput and the memory estimate, each other
-# fused-kernel tile checked against the reference, and a short table last. Usage: bash bench/gpu_check.sh   (PYTHON=... to pick the interpreter)
+# fused-kernel tile checked against the reference, and a short table last.
+# Usage: bash bench/gpu_check.sh   (PYTHON=... to pick the interpreter)
 # Logs and JSON go to bench/results/gpu_check/.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
