@@ -55,3 +55,51 @@ def _skip_one_step(rank: int, world: int, bf16: bool) -> None:
 @pytest.mark.parametrize("bf16", [False, True])
 def test_nonfinite_gradients_skip_the_update(bf16):
     run_distributed(_skip_one_step, 1, bf16, timeout=200)
+
+
+def _nan_forward_resets_memory(rank: int, world: int, pp: int) -> None:
+    """One step whose forward turns NaN: the update is skipped and the next step trains on finite memory."""
+    from megatron_ls.model.config import TransformerLSConfig
+    from megatron_ls.training.distributed import init_distributed
+    from megatron_ls.training.engine import build_engine
+
+    cfg = TransformerLSConfig(vocab_size=32, num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64,
+                              window_size=16, chunk_size=8, mem_length=16, dropout=0.0, seq_length=16)
+    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**9,
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "gradient_clipping": 1.0}
+    engine = build_engine(cfg, ds, init_distributed(1, pp, cfg), seed=1)
+    poison = {"on": False}
+
+    def nan_output(module, inputs, output):
+        if not poison["on"]:
+            return output
+        if isinstance(output, tuple):  # a pipeline stage's layer: (hidden, lane set)
+            return (output[0] * float("nan"), *output[1:])
+        return output * float("nan")
+
+    first_layer = engine.module.memory_layers()[0] if pp > 1 else engine.module.layers[0]
+    first_layer.register_forward_hook(nan_output)
+    tokens = torch.randint(0, 32, (2, 4 * 16 + 1), generator=torch.Generator().manual_seed(0))
+
+    def batch(i: int):
+        return tokens[:, i * 16:(i + 1) * 16], tokens[:, i * 16 + 1:(i + 1) * 16 + 1]
+
+    assert torch.isfinite(torch.tensor(engine.train_step(*batch(0))))
+    skipped = engine.engine.skipped_steps
+    poison["on"] = True
+    assert not torch.isfinite(torch.tensor(engine.train_step(*batch(1))))
+    poison["on"] = False
+    assert engine.engine.skipped_steps == skipped + 1
+    # The NaN memory of that step is not carried on: the next steps are finite again.
+    for i in (2, 3):
+        loss = engine.train_step(*batch(i))
+        assert torch.isfinite(torch.tensor(loss)), f"step {i}: loss {loss} after one NaN forward"
+    memory = engine.memory_state_dict()["memory"]["train"]
+    tensors = [m for mem in memory.values() for m in (mem.values() if isinstance(mem, dict) else mem)]
+    assert tensors and all(torch.isfinite(m).all() for m in tensors)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("pp", [1, 2])
+def test_nan_forward_does_not_poison_the_memory(pp):
+    run_distributed(_nan_forward_resets_memory, pp, pp, timeout=200)

@@ -7,6 +7,7 @@ layers' memory (model/pipeline.py).
 
 Micro-batch i of a step always holds rows [i*mb, (i+1)*mb) of this DP rank's lanes, so its memory is the memory of
 those same lanes at the previous step. Training and evaluation keep separate memory ("train" / "eval" streams).
+A step whose loss is not finite resets the train memory of every lane (see train_step).
 """
 
 from __future__ import annotations
@@ -122,6 +123,13 @@ class TrainEngine:
         if self._grad_norm is None:
             norm = self.engine.get_global_grad_norm()
             self._grad_norm = None if norm is None else float(norm)
+        if not math.isfinite(loss):
+            # A non-finite loss means a non-finite forward: the memory this step stored (its layer inputs) may
+            # hold NaN/inf and would poison every later step of these lanes. The loss is reduced over every
+            # rank, so all ranks forget the train memory together; the lanes go on from their next segment
+            # with an empty memory, as at the start of a stream. (Keeping the previous memory instead would
+            # pair the new segment with a context one segment too old.)
+            self.reset_memory(TRAIN)
         return loss
 
     def _train_step_local(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
