@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from distributed import run_distributed
+from training_utils import TINY, make_shards
 
 
 def _skip_one_step(rank: int, world: int, bf16: bool) -> None:
@@ -43,10 +44,11 @@ def _skip_one_step(rank: int, world: int, bf16: bool) -> None:
     engine.train_step(*batch(1))
     poison["on"] = False
     assert engine.engine.skipped_steps == steps_before + 1
+    assert engine.update_skipped
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot())), "a non-finite step changed the weights"
     assert sched.last_batch_iteration == sched_before  # the schedule did not advance
     loss = engine.train_step(*batch(2))
-    assert torch.isfinite(torch.tensor(loss))
+    assert torch.isfinite(torch.tensor(loss)) and not engine.update_skipped
     assert any(not torch.equal(a, b) for a, b in zip(before, snapshot())), "training did not go on"
     assert all(torch.isfinite(p).all() for p in engine.module.parameters())
 
@@ -103,3 +105,40 @@ def _nan_forward_resets_memory(rank: int, world: int, pp: int) -> None:
 @pytest.mark.parametrize("pp", [1, 2])
 def test_nan_forward_does_not_poison_the_memory(pp):
     run_distributed(_nan_forward_resets_memory, pp, pp, timeout=200)
+
+
+def _train_with_nan_gradients(rank: int, world: int, data: str, save: str) -> None:
+    """pretrain_char_lm's loop with every gradient poisoned after the forward: the loss stays finite."""
+    from megatron_ls.training import engine as engine_module
+    from megatron_ls.training.errors import TrainingError
+    from megatron_ls.training.loop import train
+
+    build = engine_module.build_engine
+
+    def poisoned_build(*args, **kwargs):
+        engine = build(*args, **kwargs)
+
+        def hook() -> None:
+            next(p for p in engine.module.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+        engine.add_pre_step_hook(hook)
+        return engine
+
+    engine_module.build_engine = poisoned_build
+    with pytest.raises(TrainingError, match="for 3 steps in a row") as e:
+        train(["--data-path", data, *TINY, "--train-iters", "20", "--max-nonfinite-steps", "3", "--eval-iters", "0",
+               "--save", save])
+    assert "every update was skipped" in str(e.value) and "iterations 1-3" in str(e.value)
+
+
+@pytest.mark.timeout(240)
+def test_skipped_updates_with_finite_loss_stop_the_run(tmp_path):
+    """The loop counts the engine's skipped updates, not only non-finite losses."""
+    data = make_shards(str(tmp_path / "data" / "pydoc"))
+    save = str(tmp_path / "ck")
+    run_distributed(_train_with_nan_gradients, 1, data, save, timeout=200)
+    import json
+
+    recs = [json.loads(line) for line in open(f"{save}/metrics.jsonl")]
+    assert [r["skipped"] for r in recs] == [1, 1]  # logged each iteration (TINY: --log-interval 1)
+    assert all(r["lm_loss"] is not None for r in recs)  # the losses were finite

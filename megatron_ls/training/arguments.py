@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int,
                    help="save and exit when the iteration is a multiple of this (Megatron's flag; for staged runs)")
     g.add_argument("--max-nonfinite-steps", type=int, default=5,
-                   help="stop after this many consecutive steps with a NaN/inf loss (each update is skipped)")
+                   help="stop after this many consecutive skipped updates: a NaN/inf loss or NaN/inf gradients "
+                        "(the fp16 loss scaler's own overflow skips do not count)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)

@@ -83,6 +83,7 @@ class TrainEngine:
         self._memory: dict[str, dict[int, Memory]] = {}  # pp = 1 only; stages keep theirs with pp > 1
         self._grad_norm: float | None = None
         self._lr: float | None = None
+        self._update_skipped = False
         self._act_shape: tuple[int, ...] | None = None
         self._pre_step_hooks: list = []
         self._wrap_model_step()
@@ -103,16 +104,31 @@ class TrainEngine:
         return self._lr
 
     @property
+    def update_skipped(self) -> bool:
+        """Whether the last train_step left the weights unchanged: DeepSpeed's overflow path (non-finite gradients,
+        or the fp16 loss scaler lowering its scale) or ours for the optimizers that lack one. Same on every rank."""
+        return self._update_skipped
+
+    @property
+    def dynamic_loss_scaling(self) -> bool:
+        """fp16 with a dynamic loss scale: a skipped update with a finite loss is the scaler at work, not a fault."""
+        return bool(self.engine.fp16_enabled() and self.engine.dynamic_loss_scale())
+
+    @property
     def global_steps(self) -> int:
         return self.engine.global_steps
 
     # ---- the step -------------------------------------------------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """One optimizer step on this DP rank's lanes (G/dp, N); returns the global mean loss in nats per token."""
+        """One optimizer step on this DP rank's lanes (G/dp, N); returns the global mean loss in nats per token.
+
+        update_skipped then tells whether the optimizer step was skipped (non-finite gradients).
+        """
         self._check_batch(inputs, targets, self.micro_batch_size * self.grad_accum_steps, "train_step")
         inputs, targets = inputs.to(self.layout.device), targets.to(self.layout.device)
         self._lr = float(self.engine.get_lr()[0])
         self._grad_norm = None
+        skipped_before = self.engine.skipped_steps
         if self.pipelined:
             self._set_activation_shape(inputs.shape[1:], self.micro_batch_size)
             self.module.set_stream(TRAIN)
@@ -120,6 +136,7 @@ class TrainEngine:
             loss = float(loss)
         else:
             loss = self._train_step_local(inputs, targets)
+        self._update_skipped = self.engine.skipped_steps != skipped_before
         if self._grad_norm is None:
             norm = self.engine.get_global_grad_norm()
             self._grad_norm = None if norm is None else float(norm)

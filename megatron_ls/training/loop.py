@@ -169,7 +169,7 @@ def train(argv: list[str] | None = None) -> int:
 
     tokens_per_step = args.global_batch_size * args.seq_length
     losses: list[float] = []
-    skipped_in_interval = 0
+    steps_in_interval = skipped_in_interval = 0
     nonfinite_streak = 0
     interval_start = time.monotonic()
     last_saved = iteration if args.load and not args.finetune else -1
@@ -181,25 +181,31 @@ def train(argv: list[str] | None = None) -> int:
                 engine.reset_memory("train")
             loss = engine.train_step(inputs, targets)
             iteration += 1
-            if math.isfinite(loss):
-                nonfinite_streak = 0
+            steps_in_interval += 1
+            finite = math.isfinite(loss)
+            if finite:
                 losses.append(loss)
-            else:  # the engine skipped this update
+            skipped_in_interval += int(engine.update_skipped or not finite)
+            # A skip with a finite loss under fp16 dynamic loss scaling is the scaler lowering its scale: routine.
+            # Any other skip (NaN/inf gradients) and every non-finite loss count towards the stop.
+            if finite and not (engine.update_skipped and not engine.dynamic_loss_scaling):
+                nonfinite_streak = 0
+            else:
                 nonfinite_streak += 1
-                skipped_in_interval += 1
                 if nonfinite_streak >= args.max_nonfinite_steps:
+                    gn = _grad_norm(engine)
                     raise TrainingError(
-                        f"the loss was {loss} for {nonfinite_streak} steps in a row (iterations "
-                        f"{iteration - nonfinite_streak + 1}-{iteration}); every update was skipped, and the run stops "
-                        "here. Lower --lr, raise --lr-warmup-iters, use --bf16 instead of --fp16, or resume from the "
-                        "last checkpoint.")
+                        f"the loss or the gradients were NaN/inf for {nonfinite_streak} steps in a row (iterations "
+                        f"{iteration - nonfinite_streak + 1}-{iteration}; last loss {loss}, grad norm "
+                        f"{'n/a' if gn is None else gn}); every update was skipped, and the run stops here. Lower "
+                        "--lr, raise --lr-warmup-iters, use --bf16 instead of --fp16, or resume from the last "
+                        "checkpoint.")
             if iteration % args.log_interval == 0 or iteration == args.train_iters:
                 elapsed = time.monotonic() - interval_start
-                n_steps = len(losses) + skipped_in_interval
                 mean = sum(losses) / len(losses) if losses else float("nan")
-                logger.log_train(iteration, mean, _lr(engine), _grad_norm(engine), tokens_per_step * n_steps,
+                logger.log_train(iteration, mean, _lr(engine), _grad_norm(engine), tokens_per_step * steps_in_interval,
                                  elapsed, skipped_in_interval)
-                losses, skipped_in_interval = [], 0
+                losses, steps_in_interval, skipped_in_interval = [], 0, 0
                 interval_start = time.monotonic()
             if (valid_tokens is not None and args.eval_interval and iteration % args.eval_interval == 0
                     and iteration < args.train_iters):
