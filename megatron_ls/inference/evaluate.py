@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from megatron_ls.model.lm import TransformerLSLM
+from megatron_ls.model.lm import TransformerLSLM, pad_to_chunks
 
 
 @dataclass
@@ -64,10 +64,7 @@ def evaluate_stream(model: TransformerLSLM, tokens: np.ndarray, context: int, st
     for start in range(0, total, step):
         n = min(step, total - start)
         window = torch.from_numpy(np.asarray(tokens[start: start + n + 1], dtype=np.int64)).to(device)
-        inputs, targets = window[:-1], window[1:]
-        pad = -n % c
-        if pad:
-            inputs = torch.cat([inputs, inputs.new_zeros(pad)])
+        inputs, targets = pad_to_chunks(window[:-1], c), window[1:]
         logits, memory = model(inputs[None], memory)
         logp = torch.log_softmax(logits[0, :n].double(), dim=-1)
         nats -= logp.gather(-1, targets[:, None]).sum()

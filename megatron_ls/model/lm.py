@@ -31,6 +31,15 @@ from megatron_ls.parallel.mappings import (
 Memory = list[torch.Tensor]
 
 
+def pad_to_chunks(tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``tokens`` (..., n) with zeros appended to a whole number of chunks (the model takes whole chunks).
+
+    The model is causal: its outputs at the first n positions are those without the padding; drop the rest.
+    """
+    pad = -tokens.shape[-1] % chunk
+    return F.pad(tokens, (0, pad)) if pad else tokens
+
+
 def _unpadded(init, rows: int):
     """Initialise only the real vocabulary rows (padding rows zero): the RNG stream, hence every later
     weight, is then the same whatever padding the tensor-parallel size adds."""

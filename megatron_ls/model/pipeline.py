@@ -138,19 +138,22 @@ class PipeLoss:
     """loss_fn of the pipeline: mean nats per token through vocab-parallel cross entropy.
 
     While `accumulate` is on (evaluation) it also adds the exact sum of nats and the token count of every
-    micro-batch, in float64, on the last stage.
+    micro-batch, in float64, on the last stage; only of the first `valid_length` positions when that is set
+    (a segment padded to whole chunks).
     """
 
     def __init__(self) -> None:
         self.accumulate = False
+        self.valid_length: int | None = None
         self.sum_nats = 0.0
         self.tokens = 0
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         nats = vocab_parallel_cross_entropy(logits, targets)
         if self.accumulate:
-            self.sum_nats += float(nats.detach().double().sum())
-            self.tokens += nats.numel()
+            kept = nats.detach() if self.valid_length is None else nats.detach()[..., : self.valid_length]
+            self.sum_nats += float(kept.double().sum())
+            self.tokens += kept.numel()
         return nats.mean()
 
 

@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000, help="0 = only at the end")
     g.add_argument("--eval-iters", type=int, default=100,
-                   help="steps per evaluation on the valid split; -1 = the whole split; 0 = no evaluation")
+                   help="steps per evaluation on the valid split; -1 = the whole split, every lane to its end "
+                        "(of G lanes, each lane's first token and the split's last len mod G tokens are not "
+                        "targets; tools/evaluate.py scores one stream); 0 = no evaluation")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--tensorboard-dir")
 

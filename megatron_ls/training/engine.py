@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ls.model.config import TransformerLSConfig
-from megatron_ls.model.lm import TransformerLSLM
+from megatron_ls.model.lm import TransformerLSLM, pad_to_chunks
 from megatron_ls.parallel import mpu
 from megatron_ls.parallel.checkpointing import configure_activation_checkpointing
 from megatron_ls.parallel.mpu import ParallelConfigError
@@ -176,22 +176,31 @@ class TrainEngine:
 
     # ---- evaluation -----------------------------------------------------------------------------------------------
     def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-        """Forward only, with the evaluation memory: (sum of nats, token count) over all DP ranks' lanes."""
+        """Forward only, with the evaluation memory: (sum of nats, token count) over all DP ranks' lanes.
+
+        A segment whose length is not a multiple of the chunk size (the short tail of a lane) is padded to whole
+        chunks and only its real targets are counted; it ends the evaluation stream (the memory is reset after it).
+        """
         if inputs.dim() != 2 or inputs.shape != targets.shape:
             raise ValueError(f"eval_step: inputs and targets must both be (lanes, N), got {tuple(inputs.shape)} "
                              f"and {tuple(targets.shape)}")
-        inputs, targets = inputs.to(self.layout.device), targets.to(self.layout.device)
+        n = inputs.shape[1]
+        chunk = self.config.chunk_size
+        inputs = pad_to_chunks(inputs.to(self.layout.device), chunk)
+        targets = pad_to_chunks(targets.to(self.layout.device), chunk)
         lanes = inputs.shape[0]
         mb = self.micro_batch_size if lanes % self.micro_batch_size == 0 else lanes
         if self.pipelined:
-            sums = self._eval_step_pipelined(inputs, targets, mb)
+            sums = self._eval_step_pipelined(inputs, targets, mb, n)
         else:
-            sums = self._eval_step_local(inputs, targets, mb)
+            sums = self._eval_step_local(inputs, targets, mb, n)
+        if n % chunk:
+            self.reset_memory(EVAL)  # it holds the padding: no segment can follow this one
         if self.layout.dp > 1:
             dist.all_reduce(sums, group=mpu.get_data_parallel_group())
         return float(sums[0]), int(sums[1])
 
-    def _eval_step_local(self, inputs: torch.Tensor, targets: torch.Tensor, mb: int) -> torch.Tensor:
+    def _eval_step_local(self, inputs: torch.Tensor, targets: torch.Tensor, mb: int, n: int) -> torch.Tensor:
         memory = self._memory.setdefault(EVAL, {})
         sums = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
         self.engine.eval()
@@ -201,21 +210,22 @@ class TrainEngine:
                     rows = slice(i * mb, (i + 1) * mb)
                     nats, memory[i] = self.engine(inputs[rows], memory=self._lane_memory(memory.get(i), mb),
                                                   labels=targets[rows])
+                    nats = nats[:, :n]  # the real targets, not the padding's
                     sums[0] += nats.double().sum()
                     sums[1] += nats.numel()
         finally:
             self.engine.train()
         return sums
 
-    def _eval_step_pipelined(self, inputs: torch.Tensor, targets: torch.Tensor, mb: int) -> torch.Tensor:
+    def _eval_step_pipelined(self, inputs: torch.Tensor, targets: torch.Tensor, mb: int, n: int) -> torch.Tensor:
         module, loss_fn = self.module, self.module.pipe_loss
         self._set_activation_shape(inputs.shape[1:], mb)
         module.set_stream(EVAL)
-        loss_fn.accumulate, loss_fn.sum_nats, loss_fn.tokens = True, 0.0, 0
+        loss_fn.accumulate, loss_fn.valid_length, loss_fn.sum_nats, loss_fn.tokens = True, n, 0.0, 0
         try:
             self.engine.eval_batch(self._micro_batches(inputs, targets, mb), num_micro_batches=inputs.shape[0] // mb)
         finally:
-            loss_fn.accumulate = False
+            loss_fn.accumulate, loss_fn.valid_length = False, None
             module.set_stream(TRAIN)
         sums = torch.tensor([loss_fn.sum_nats, float(loss_fn.tokens)], dtype=torch.float64, device=self.layout.device)
         dist.broadcast(sums, src=mpu.get_pipeline_model_parallel_last_rank(),

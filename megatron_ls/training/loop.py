@@ -70,8 +70,10 @@ def _model_config(args: argparse.Namespace, meta: dict):
 
 
 def _lanes(tokens: Any, args: argparse.Namespace, dp_rank: int, dp: int, split: str) -> LaneDataset:
+    """Training drops each lane's tail shorter than a segment; evaluation reads every lane to its end (the last,
+    shorter segment is padded to whole chunks by the engine and only its real targets are scored)."""
     try:
-        return LaneDataset(tokens, args.global_batch_size, args.seq_length, dp_rank, dp)
+        return LaneDataset(tokens, args.global_batch_size, args.seq_length, dp_rank, dp, drop_last=split == "train")
     except ValueError as e:
         raise DataError(f"{args.data_path}_{split} is too short for --global-batch-size {args.global_batch_size} "
                         f"x --seq-length {args.seq_length}: {e}") from None
