@@ -149,3 +149,13 @@ def test_nonfinite_loss_skips_and_stops(data, tmp_path):
     recs = metrics(save)
     assert recs[-1]["skipped"] == 1 and recs[-1]["lm_loss"] is None
     assert not os.path.exists(os.path.join(save, "latest"))  # a broken state is not saved
+
+
+@pytest.mark.timeout(300)
+def test_resume_with_another_micro_batch_size_is_one_clear_error(data, reference):
+    """The memory cache is kept per micro-batch: a resume that splits the lanes differently cannot use it."""
+    r = run(["--data-path", data, *TINY, "--train-iters", str(ITERS + 1), "--load", reference,
+             "--micro-batch-size", "1"], timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    (line,) = error_lines(r.stderr)
+    assert "memory cache does not fit this run" in line and "--micro-batch-size" in line

@@ -10,6 +10,7 @@ import signal
 
 import pytest
 import torch
+from distributed import run_distributed
 
 from megatron_ls.training import checkpointing as ckpt
 from megatron_ls.training.arguments import finalize_args, parse_args
@@ -227,6 +228,27 @@ def test_interrupted_save_keeps_previous(tmp_path):
     assert info["iteration"] == 1 and path.endswith("iter_0000001")
     ckpt.save_checkpoint(FakeEngine(3), d, 3, {}, {})
     assert not os.path.exists(os.path.join(d, "iter_0000002.partial"))
+
+
+def _load_fails_on_rank1(rank: int, world: int, path: str) -> None:
+    class Engine(FakeEngine):
+        def load_checkpoint(self, load_dir, tag, load_optimizer_states=True, load_module_only=False):
+            if rank == 1:
+                raise RuntimeError("size mismatch for embedding.weight")
+            return super().load_checkpoint(load_dir, tag, load_optimizer_states, load_module_only)
+
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_engine_state(Engine(), path, finetune=False)
+    assert "DeepSpeed could not load" in str(e.value) and "size mismatch" in str(e.value)
+    if rank == 0:
+        assert "failed on rank 1" in str(e.value)
+
+
+@pytest.mark.timeout(120)
+def test_engine_load_failing_on_one_rank_fails_on_every_rank(tmp_path):
+    d = str(tmp_path / "ck")
+    ckpt.save_checkpoint(FakeEngine(1), d, 1, {}, {})
+    run_distributed(_load_fails_on_rank1, 2, os.path.join(d, "iter_0000001"), timeout=100)
 
 
 @pytest.mark.parametrize("damage,match", [

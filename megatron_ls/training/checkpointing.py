@@ -279,8 +279,15 @@ def locate_checkpoint(load_dir: str, weights_only: bool = False) -> tuple[str, d
             raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {RUN_INFO}") from None
         return path, info
 
+    return agree_on_checkpoint(check, "checking the checkpoint")
+
+
+def agree_on_checkpoint(fn: Any, what: str) -> Any:
+    """Collective: ``agree`` for checkpoint work, so a failure on any rank is one CheckpointError on every rank."""
     try:
-        return agree(check, "checking the checkpoint")
+        return agree(fn, what)
+    except CheckpointError:
+        raise
     except TrainingError as e:
         raise CheckpointError(str(e)) from None
 
@@ -296,17 +303,25 @@ def load_local_state(path: str) -> dict[str, Any]:
 
 
 def load_engine_state(engine: Any, path: str, finetune: bool) -> None:
-    """DeepSpeed's part: everything on resume, the module's weights only with --finetune."""
+    """Collective. DeepSpeed's part: everything on resume, the module's weights only with --finetune.
+
+    Agreed across ranks: a rank whose load fails alone would leave the others waiting in the next collective.
+    (A failure inside one of DeepSpeed's own collectives during the load cannot be caught here.)
+    """
     load_dir, tag = os.path.dirname(path), os.path.basename(path)
-    try:
-        result = engine.load_checkpoint(load_dir, tag, load_optimizer_states=not finetune,
-                                        load_module_only=finetune)
-    except TrainingError:
-        raise
-    except Exception as e:  # noqa: BLE001 - DeepSpeed raises many kinds; the message is what matters
-        raise CheckpointError(f"DeepSpeed could not load {path}: {type(e).__name__}: {e}") from None
-    if isinstance(result, tuple) and result and result[0] is None:
-        raise CheckpointError(f"DeepSpeed found no checkpoint in {path}")
+
+    def load() -> None:
+        try:
+            result = engine.load_checkpoint(load_dir, tag, load_optimizer_states=not finetune,
+                                            load_module_only=finetune)
+        except TrainingError:
+            raise
+        except Exception as e:  # noqa: BLE001 - DeepSpeed raises many kinds; the message is what matters
+            raise CheckpointError(f"DeepSpeed could not load {path}: {type(e).__name__}: {e}") from None
+        if isinstance(result, tuple) and result and result[0] is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint in {path}")
+
+    agree_on_checkpoint(load, "loading the checkpoint")
 
 
 # Architecture fields that must match for any load; run fields that must match for a resume.

@@ -251,14 +251,26 @@ class TrainEngine:
                            for s, store in self._memory.items()}}
 
     def load_memory_state_dict(self, state: dict[str, Any]) -> None:
+        """ValueError when the state does not fit this engine's layout (nothing is loaded then)."""
         if bool(state.get("pipeline")) != self.pipelined:
             raise ValueError("the memory state was saved with a different pipeline layout; resume with the same "
                              "--pipeline-model-parallel-size or reset the memory")
+        self._check_train_memory(state["memory"].get(TRAIN, {}))
         if self.pipelined:
             self.module.load_memory_state_dict(state["memory"], self.layout.device)
             return
         self._memory = {s: {int(i): [m.to(self.layout.device) for m in mem] for i, mem in store.items()}
                         for s, store in state["memory"].items()}
+
+    def _check_train_memory(self, store: dict[int, Any]) -> None:
+        """The train memory must be one entry per micro-batch of micro_batch_size lanes, as this engine steps."""
+        for key, mem in store.items():
+            tensors = list(mem.values()) if isinstance(mem, dict) else list(mem)  # {layer: t} with pp > 1
+            lanes = {int(t.shape[0]) for t in tensors}
+            if not 0 <= int(key) < self.grad_accum_steps or lanes - {self.micro_batch_size}:
+                raise ValueError(f"the train memory holds micro-batch {key} of {sorted(lanes)} lanes, this run steps "
+                                 f"{self.grad_accum_steps} micro-batches of {self.micro_batch_size} lanes; resume "
+                                 "with the same --micro-batch-size")
 
     # ---- checkpoints (DeepSpeed's format) ---------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any] | None = None,

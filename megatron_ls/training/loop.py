@@ -79,6 +79,20 @@ def _lanes(tokens: Any, args: argparse.Namespace, dp_rank: int, dp: int, split: 
                         f"x --seq-length {args.seq_length}: {e}") from None
 
 
+def _restore_local_state(path: str, train_data: LaneDataset, engine: Any) -> None:
+    """This rank's lane position, memory cache and RNG states from a verified checkpoint."""
+    local = ckpt.load_local_state(path)
+    try:
+        train_data.load_state_dict(local["data"])
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"checkpoint {path}: its lane position does not fit this data: {e}") from None
+    try:
+        engine.load_memory_state_dict(local["memory"])
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"checkpoint {path}: its memory cache does not fit this run: {e}") from None
+    ckpt.set_rng_state(local["rng"])
+
+
 def _run_info(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     run = {k: v for k, v in vars(args).items() if k not in ("explicit", "model") and not k.startswith("_")}
     return {
@@ -142,14 +156,8 @@ def train(argv: list[str] | None = None) -> int:
         if args.finetune:
             print_rank0(f"loaded the weights of {path} (--finetune: fresh optimizer, schedule, data and memory)")
         else:
-            local = ckpt.load_local_state(path)
-            try:
-                train_data.load_state_dict(local["data"])
-            except ValueError as e:
-                raise ckpt.CheckpointError(f"checkpoint {path}: its lane position does not fit this data: {e}") \
-                    from None
-            engine.load_memory_state_dict(local["memory"])
-            ckpt.set_rng_state(local["rng"])
+            ckpt.agree_on_checkpoint(lambda: _restore_local_state(path, train_data, engine),
+                                     "restoring the run state")
             iteration = int(info["iteration"])
             print_rank0(f"resumed from {path} at iteration {iteration}")
 
