@@ -73,3 +73,24 @@ def test_training_checkpoint_directly_and_bad_protocol(setup, tmp_path, capsys):
     assert err.startswith("error:") and "--context" in err
     assert evaluate_main(["--model", model_dir, "--data-path", str(tmp_path / "nothing")]) == 1
     assert capsys.readouterr().err.startswith("error:")
+
+
+@pytest.mark.parametrize("case", ["device", "cuda-index", "output-is-dir", "output-under-file"])
+def test_bad_device_or_output_is_one_clear_error(setup, tmp_path, capsys, case):
+    model_dir, prefix, _ = setup
+    args = ["--model", model_dir, "--data-path", prefix, "--context", str(CONTEXT), "--step", str(STEP),
+            "--no-progress"]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    extra, want = {
+        "device": (["--device", "gpu0"], "device 'gpu0' cannot be used"),
+        "cuda-index": (["--device", f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"],
+                       "cannot be used"),
+        "output-is-dir": (["--output", str(tmp_path)], "it is a directory"),
+        "output-under-file": (["--output", str(blocker / "bpc.json")], "cannot write --output"),
+    }[case]
+    assert evaluate_main(args + extra) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and want in lines[0], captured.err
+    assert "bits per character" not in captured.out  # output problems are found before the evaluation

@@ -93,6 +93,13 @@ def test_text8_prompt_outside_alphabet_is_one_clear_error(tmp_path, capsys):
     assert err.startswith("error:") and "text8" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("device", ["gpu0", "cuda:99", "meta"])
+def test_generate_bad_device_is_one_clear_error(byte_model, capsys, device):
+    assert generate_main(["--model", byte_model, "--prompt", "x", "--max-new-tokens", "2", "--device", device]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: device '{device}' cannot be used"), err
+
+
 def test_config_that_does_not_match_the_weights(byte_model, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_ls.inference.evaluate import check_protocol, evaluate_stream
     from megatron_ls.inference.model_source import load_model, reconfigure
 
+    if args.output:
+        check_output(args.output)  # before the evaluation, which can take hours
     try:
         tokens, meta = load_split(args.data_path, args.split)
     except (DataError, OSError) as e:
@@ -67,11 +69,26 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{args.split} bits per character: {result.bpc:.4f} ({result.tokens:,} tokens predicted, context "
           f"{args.context}, step {args.step}, {result.seconds:.1f} s)")
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+        try:
+            with open(args.output, "w") as f:
+                json.dump(out, f, indent=2)
+                f.write("\n")
+        except OSError as e:
+            raise InferenceError(f"cannot write --output {args.output}: {e.strerror or e}") from None
     return out
+
+
+def check_output(path: str) -> None:
+    """--output can be written: its folder exists (created if need be) and is writable, the path is no folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise InferenceError(f"cannot write --output {path}: cannot create {folder}: {e.strerror or e}") from None
+    if os.path.isdir(path):
+        raise InferenceError(f"cannot write --output {path}: it is a directory")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise InferenceError(f"cannot write --output {path}: permission denied")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,9 +27,23 @@ def training_tokenizer(ckpt: TrainingCheckpoint):
         raise InferenceError(f"cannot build the tokenizer recorded in {ckpt.path}: {e}") from None
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device named by ``device`` (e.g. cpu, cuda, cuda:1), checked usable here; else one InferenceError."""
+    try:
+        dev = torch.device(device)
+        if dev.type == "meta":
+            raise ValueError("meta tensors hold no values")
+        torch.empty(0, device=dev)  # CUDA absent or not compiled in, an ordinal past the last device, ...
+    except (RuntimeError, AssertionError, ValueError, TypeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise InferenceError(f"device {str(device)!r} cannot be used: {reason}") from None
+    return dev
+
+
 def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                **config_overrides: Any) -> tuple[TransformerLSLM, Any]:
     """(model in eval mode at TP=1, tokenizer or None)."""
+    device = resolve_device(device)
     if is_consolidated(path):
         return load_consolidated(path, device, dtype, **config_overrides)
     from megatron_ls.checkpoint_convert.read_training import is_training_checkpoint, read_training_checkpoint
