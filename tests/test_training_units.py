@@ -58,6 +58,21 @@ def test_bad_arguments(argv, match):
         finalize_args(parse_args(argv), world_size=1)
 
 
+def test_model_arguments_are_checked_by_the_config_itself():
+    """finalize_args lets TransformerLSConfig.validate speak, in flag names (here a rule it did not repeat)."""
+    with pytest.raises(ConfigError, match=r"--hidden-size / --num-attention-heads must be even .*--attention-type"):
+        args_of("--attention-type", "full", "--num-attention-heads", "32")
+    with pytest.raises(ConfigError, match=r"--vocab-size must be a positive integer, got 0"):
+        args_of("--vocab-size", "0")
+
+
+def test_world_size_from_the_launcher_environment(monkeypatch):
+    for k in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # mpirun's name: distributed.world_from_env reads it too
+    assert finalize_args(parse_args(BASE)).world_size == 2
+
+
 def test_parallel_layout_checks():
     with pytest.raises(ConfigError, match="world size 3 is not divisible"):
         args_of("--tensor-model-parallel-size", "2", world=3)

@@ -71,15 +71,15 @@ class TransformerLSConfig:
         if self.window_size < self.chunk_size:
             raise ValueError(f"window_size ({self.window_size}) must be >= chunk_size ({self.chunk_size}): "
                              "a query's own chunk is covered by the window only")
-        if not isinstance(self.mem_length, int) or self.mem_length < 0:
-            raise ValueError(f"mem_length must be a non-negative integer, got {self.mem_length!r}")
-        if self.mem_length % self.chunk_size != 0:
-            raise ValueError(f"mem_length ({self.mem_length}) must be a multiple of chunk_size ({self.chunk_size})")
-        if self.seq_length is not None:
+        if self.seq_length is not None:  # before mem_length, which often follows it
             positive("seq_length")
             if self.seq_length % self.chunk_size != 0:
                 raise ValueError(f"seq_length ({self.seq_length}) must be a multiple of "
                                  f"chunk_size ({self.chunk_size})")
+        if not isinstance(self.mem_length, int) or self.mem_length < 0:
+            raise ValueError(f"mem_length must be a non-negative integer, got {self.mem_length!r}")
+        if self.mem_length % self.chunk_size != 0:
+            raise ValueError(f"mem_length ({self.mem_length}) must be a multiple of chunk_size ({self.chunk_size})")
         if self.max_landmark_distance is not None and (
                 not isinstance(self.max_landmark_distance, int) or self.max_landmark_distance < 0):
             raise ValueError(f"max_landmark_distance must be None or >= 0, got {self.max_landmark_distance!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -142,10 +143,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def model_config_dict(args: argparse.Namespace) -> dict:
     """TransformerLSConfig fields from --preset, overridden by explicit model flags (vocab not yet known)."""
     from megatron_ls.model.config import PRESETS, TransformerLSConfig
@@ -170,7 +167,10 @@ def finalize_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     """Resolve the preset and defaults and check everything checkable before data and processes."""
     from megatron_ls.model.config import PRESETS
 
-    world_size = world_size_from_env() if world_size is None else world_size
+    if world_size is None:
+        from .distributed import world_from_env
+
+        world_size = world_from_env()[0]
     args.world_size = world_size
 
     if not args.data_path:
@@ -189,25 +189,8 @@ def finalize_args(args: argparse.Namespace, world_size: int | None = None) -> ar
         model["mem_length"] = args.seq_length
     args.model = model
 
-    _positive(args, "seq_length", "train_iters")
-    for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "window_size", "chunk_size",
-              "chunk_rank"):
-        if not isinstance(model[k], int) or model[k] < 1:
-            raise ConfigError(f"{_flag(k)} must be a positive integer, got {model[k]}")
-    chunk = model["chunk_size"]
-    if args.seq_length % chunk != 0:
-        raise ConfigError(f"--seq-length ({args.seq_length}) must be a multiple of --chunk-size ({chunk}): "
-                          "the long-range attention compresses whole chunks of the segment")
-    if model["mem_length"] < 0 or model["mem_length"] % chunk != 0:
-        raise ConfigError(f"--mem-length ({model['mem_length']}) must be a non-negative multiple of "
-                          f"--chunk-size ({chunk})")
-    if model["window_size"] < chunk:
-        raise ConfigError(f"--window-size ({model['window_size']}) must be >= --chunk-size ({chunk})")
-    if model["hidden_size"] % model["num_attention_heads"] != 0:
-        raise ConfigError(f"--num-attention-heads ({model['num_attention_heads']}) must divide "
-                          f"--hidden-size ({model['hidden_size']})")
-    if not 0.0 <= model["dropout"] < 1.0:
-        raise ConfigError(f"--dropout must be in [0, 1), got {model['dropout']}")
+    _positive(args, "train_iters")
+    _check_model(model, args.seq_length)
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1:
@@ -272,6 +255,18 @@ def finalize_run_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError(f"--zero-stage {args.zero_stage} cannot be used with pipeline parallelism "
                           "(DeepSpeed's pipeline engine supports ZeRO stage 0 or 1)")
     return args
+
+
+def _check_model(model: dict, seq_length: int) -> None:
+    """TransformerLSConfig's own validation, its messages in flag names. The vocabulary comes from the shards
+    later (the config is built again then); here it is checked only when --vocab-size / --preset sets it."""
+    from megatron_ls.model.config import TransformerLSConfig
+
+    try:
+        TransformerLSConfig(**{"vocab_size": 1, **model, "seq_length": seq_length})
+    except ValueError as e:
+        names = "|".join(MODEL_FIELDS + ("seq_length",))
+        raise ConfigError(re.sub(rf"\b({names})\b", lambda m: _flag(m.group(1)), str(e))) from None
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:

@@ -36,17 +36,8 @@ class Layout:
     backend: str
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 of the world: the one that prints and writes shared files."""
-        return self.rank == 0
 
 
 def _env_int(name: str, default: int) -> int:
