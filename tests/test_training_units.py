@@ -335,3 +335,19 @@ def test_foreign_checkpoint_is_weights_only(tmp_path):
     assert path.endswith("global_step5") and info == {}
     with pytest.raises(CheckpointError, match="--finetune"):
         ckpt.locate_checkpoint(str(d))
+
+
+def test_help_shows_real_defaults_once():
+    from megatron_ls.training.arguments import build_parser
+
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: False)" not in text
+    formatter = parser._get_formatter()
+    shown = {a.option_strings[0]: formatter._expand_help(a) for a in parser._actions
+             if a.option_strings and a.help not in (None, "==SUPPRESS==")}
+    assert all(h.count("(default:") <= 1 for h in shown.values()), shown
+    for flag, value in (("--lr", "0.00025"), ("--seed", "1234"), ("--num-layers", "12"), ("--zero-stage", "0"),
+                        ("--max-nonfinite-steps", "5"), ("--clip-grad", "1.0"), ("--micro-batch-size", "1"),
+                        ("--tensor-model-parallel-size", "1"), ("--mem-length", "--seq-length")):
+        assert f"(default: {value})" in shown[flag], (flag, shown[flag])

@@ -53,44 +53,74 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a default once, where there is one: "(default: X)" after a flag with a real parse-time default.
+
+    Flags parsed as None (resolved after the preset and the DeepSpeed JSON) state their default in their help
+    text; switches (False) and flags without a default show none.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "(default:" in text:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _default(value: object) -> str:
+    return f"(default: {value})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Pretrain a Transformer-LS character/byte language model with DeepSpeed.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from megatron_ls.model.config import ATTENTION_IMPLS, ATTENTION_TYPES, PRESETS
+                formatter_class=_HelpFormatter)
+    from megatron_ls.model.config import ATTENTION_IMPLS, ATTENTION_TYPES, PRESETS, TransformerLSConfig
 
-    g = p.add_argument_group("model (explicit flags override --preset)")
+    fields = TransformerLSConfig.__dataclass_fields__
+
+    def model_default(name: str) -> str:
+        return _default(fields[name].default)
+
+    g = p.add_argument_group("model (explicit flags override --preset; the defaults shown apply without one)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="the paper's model (phase-1 segment length)")
-    g.add_argument("--num-layers", type=int)
-    g.add_argument("--hidden-size", type=int)
-    g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--ffn-hidden-size", type=int, help="default 4 x hidden size")
-    g.add_argument("--attention-type", choices=ATTENTION_TYPES)
-    g.add_argument("--attention-impl", choices=ATTENTION_IMPLS)
-    g.add_argument("--window-size", type=int)
-    g.add_argument("--chunk-size", type=int)
-    g.add_argument("--chunk-rank", type=int, help="landmarks per chunk (r)")
-    g.add_argument("--mem-length", type=int, help="tokens of memory per layer; default = --seq-length")
-    g.add_argument("--dropout", type=float)
-    g.add_argument("--vocab-size", type=int, help="default: the shards' vocabulary (must match it)")
+    g.add_argument("--num-layers", type=int, help=model_default("num_layers"))
+    g.add_argument("--hidden-size", type=int, help=model_default("hidden_size"))
+    g.add_argument("--num-attention-heads", type=int, help=model_default("num_attention_heads"))
+    g.add_argument("--ffn-hidden-size", type=int, help=_default("4 x --hidden-size"))
+    g.add_argument("--attention-type", choices=ATTENTION_TYPES, help=model_default("attention_type"))
+    g.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
+                   help=f"auto = fused on CUDA, blocked otherwise {model_default('attention_impl')}")
+    g.add_argument("--window-size", type=int, help=model_default("window_size"))
+    g.add_argument("--chunk-size", type=int, help=model_default("chunk_size"))
+    g.add_argument("--chunk-rank", type=int, help=f"landmarks per chunk (r) {model_default('chunk_rank')}")
+    g.add_argument("--mem-length", type=int, help=f"tokens of memory per layer {_default('--seq-length')}")
+    g.add_argument("--dropout", type=float, help=model_default("dropout"))
+    g.add_argument("--vocab-size", type=int, help="must match the shards' vocabulary (default: the shards')")
 
     g = p.add_argument_group("run")
-    g.add_argument("--seq-length", type=int, help="segment length N (tokens per lane per step)")
-    g.add_argument("--micro-batch-size", type=int, help="lanes per micro-batch per data-parallel rank [1]")
+    g.add_argument("--seq-length", type=int, help="segment length N (tokens per lane per step); required unless "
+                                                  "--preset sets it")
+    g.add_argument("--micro-batch-size", type=int,
+                   help=f"lanes per micro-batch per data-parallel rank {_default(RUN_DEFAULTS['micro_batch_size'])}")
     g.add_argument("--global-batch-size", type=int,
-                   help="lanes per step over all data-parallel ranks [micro x data-parallel size]")
-    g.add_argument("--train-iters", type=int, help="optimizer steps in total")
-    g.add_argument("--lr", type=float, help=f"peak learning rate [{RUN_DEFAULTS['lr']}]")
-    g.add_argument("--min-lr", type=float, help="floor of the linear / cosine decay [0]")
-    g.add_argument("--lr-warmup-iters", type=int, help="linear warm-up steps [0]")
-    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), help="after warm-up [constant]")
-    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay [{RUN_DEFAULTS['weight_decay']}]")
-    g.add_argument("--clip-grad", type=float, help=f"gradient-norm clipping, 0 = off [{RUN_DEFAULTS['clip_grad']}]")
-    g.add_argument("--adam-beta1", type=float)
-    g.add_argument("--adam-beta2", type=float)
-    g.add_argument("--adam-eps", type=float)
-    g.add_argument("--bf16", action="store_true", default=None)
+                   help=f"lanes per step over all data-parallel ranks {_default('micro x data-parallel size')}")
+    g.add_argument("--train-iters", type=int, help="optimizer steps in total (required)")
+    g.add_argument("--lr", type=float, help=f"peak learning rate {_default(RUN_DEFAULTS['lr'])}")
+    g.add_argument("--min-lr", type=float,
+                   help=f"floor of the linear / cosine decay {_default(RUN_DEFAULTS['min_lr'])}")
+    g.add_argument("--lr-warmup-iters", type=int,
+                   help=f"linear warm-up steps {_default(RUN_DEFAULTS['lr_warmup_iters'])}")
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"),
+                   help=f"after warm-up {_default(RUN_DEFAULTS['lr_decay_style'])}")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay {_default(RUN_DEFAULTS['weight_decay'])}")
+    g.add_argument("--clip-grad", type=float,
+                   help=f"gradient-norm clipping, 0 = off {_default(RUN_DEFAULTS['clip_grad'])}")
+    g.add_argument("--adam-beta1", type=float, help=_default(RUN_DEFAULTS["adam_beta1"]))
+    g.add_argument("--adam-beta2", type=float, help=_default(RUN_DEFAULTS["adam_beta2"]))
+    g.add_argument("--adam-eps", type=float, help=_default(RUN_DEFAULTS["adam_eps"]))
+    g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 mixed precision (default: fp32)")
     g.add_argument("--fp16", action="store_true", default=None, help="CUDA only, with dynamic loss scaling")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int, default=1234, help="seed of every random number generator")
     g.add_argument("--exit-interval", type=int,
                    help="save and exit when the iteration is a multiple of this (Megatron's flag; for staged runs)")
     g.add_argument("--max-nonfinite-steps", type=int, default=5,
@@ -98,13 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the fp16 loss scaler's own overflow skips do not count)")
 
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
-    g.add_argument("--checkpoint-activations", action="store_true")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="ranks that split each layer's heads")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="pipeline stages")
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help=_default(RUN_DEFAULTS["zero_stage"]))
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each layer in the backward (less memory, more compute)")
     g.add_argument("--device-memory-gib", type=float,
-                   help="memory per device for the start-up memory check [CUDA: the card's; CPU: available RAM "
-                        "/ local processes]")
+                   help="memory per device for the start-up memory check (default: CUDA: the card's; CPU: "
+                        "available RAM / local processes)")
     g.add_argument("--skip-memory-check", action="store_true",
                    help="start even when the memory estimate exceeds the device (the estimate is still printed)")
 
@@ -115,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", help="checkpoint directory (also where metrics.jsonl is written)")
     g.add_argument("--load", help="checkpoint directory to resume from (its `latest` tag)")
     g.add_argument("--save-interval", type=int, help="save every N iterations (always at the end and on SIGTERM)")
-    g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints [all]")
+    g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints (default: all)")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only from --load: fresh optimizer, schedule, iteration, data and memory")
 
@@ -125,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps per evaluation on the valid split; -1 = the whole split, every lane to its end "
                         "(of G lanes, each lane's first token and the split's last len mod G tokens are not "
                         "targets; tools/evaluate.py scores one stream); 0 = no evaluation")
-    g.add_argument("--log-interval", type=int, default=100)
-    g.add_argument("--tensorboard-dir")
+    g.add_argument("--log-interval", type=int, default=100, help="iterations per log line and metrics record")
+    g.add_argument("--tensorboard-dir", help="write TensorBoard scalars here")
 
     g = p.add_argument_group("DeepSpeed")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
