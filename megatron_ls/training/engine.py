@@ -145,7 +145,8 @@ class TrainEngine:
             # hold NaN/inf and would poison every later step of these lanes. The loss is reduced over every
             # rank, so all ranks forget the train memory together; the lanes go on from their next segment
             # with an empty memory, as at the start of a stream. (Keeping the previous memory instead would
-            # pair the new segment with a context one segment too old.)
+            # pair the new segment with a context one segment too old.) A skipped update with a finite loss (NaN/inf
+            # gradients only, or fp16 loss scaling) keeps the memory: that forward was finite and is the right context.
             self.reset_memory(TRAIN)
         return loss
 
