@@ -175,6 +175,10 @@ def download(spec: CorpusSpec, dest: str, timeout: float = 10.0, progress: bool 
                 while block := r.read(BLOCK_SIZE):
                     out.write(block)
                     bar.update(len(block))
+    except urllib.error.HTTPError as e:  # the network works; the server refused this address
+        _remove(part)
+        answer = f"{spec.url} answered HTTP {e.code} ({e.reason})"
+        raise DataError(f"cannot download {spec.name}: {answer}; {hint}") from None
     except (urllib.error.URLError, OSError) as e:
         _remove(part)
         reason = getattr(e, "reason", None) or e
