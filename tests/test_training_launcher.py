@@ -71,6 +71,24 @@ def test_two_nodes_on_loopback(data, tmp_path):
     assert open(os.path.join(save, "latest")).read().strip() == "iter_0000003"
 
 
+@pytest.mark.timeout(300)
+def test_torchrun_two_processes(data, tmp_path):
+    """`torchrun --nproc_per_node 2 pretrain_char_lm.py ...`: torchrun's environment, one run of DP 2."""
+    save = str(tmp_path / "ck")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SCRIPT,
+           "--data-path", data, *TINY, "--train-iters", "3", "--eval-iters", "1", "--save", save]
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world 2 = TP 1 x PP 1 x DP 2" in r.stdout
+    assert [it for it, _ in train_losses(save)] == [1, 2, 3]
+    assert any(m.get("final") for m in metrics(save))
+    tag = open(os.path.join(save, "latest")).read().strip()
+    assert tag == "iter_0000003"
+    files = os.listdir(os.path.join(save, tag))
+    assert "run_state_rank00000.pt" in files and "run_state_rank00001.pt" in files
+
+
 def _popen_deepspeed(launcher_args: list[str], args: list[str]) -> subprocess.Popen:
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), *launcher_args, SCRIPT, *args]
     return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
