@@ -80,3 +80,55 @@ def test_tensor_parallel_layers_match_single_process():
 def test_bad_parallel_sizes_name_the_problem():
     with pytest.raises(mpu.ParallelConfigError, match="not divisible"):
         mpu.check_parallel_sizes(world_size=6, tp=4, pp=1)
+
+
+def _gathered(t: torch.Tensor) -> list[torch.Tensor]:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def _rng_worker(rank: int, world_size: int) -> None:
+    from megatron_ls.model.config import TransformerLSConfig
+    from megatron_ls.model.mlp import MLP
+    from megatron_ls.parallel import model_parallel_seed, tensor_parallel_rng
+
+    mpu.initialize_model_parallel(world_size, 1)
+    ones = torch.ones(4096)
+    model_parallel_seed(1234)
+    before = F.dropout(ones, 0.5)
+    with tensor_parallel_rng():
+        tracked = F.dropout(ones, 0.5)
+    after = F.dropout(ones, 0.5)
+    a, t, b = _gathered(before), _gathered(tracked), _gathered(after)
+    assert torch.equal(a[0], a[1]) and torch.equal(b[0], b[1]), "default stream must agree across TP ranks"
+    assert not torch.equal(t[0], t[1]), "the tracked stream must differ across TP ranks"
+    # The fork leaves the default stream where it was, and the tracked stream is reproducible from the seed.
+    torch.manual_seed(1234)
+    assert torch.equal(F.dropout(ones, 0.5), before) and torch.equal(F.dropout(ones, 0.5), after)
+    model_parallel_seed(1234)
+    with tensor_parallel_rng():
+        assert torch.equal(F.dropout(ones, 0.5), tracked)
+
+    # In the model: the MLP's dropout on its head-sharded activation differs across ranks, the one on its replicated
+    # output agrees (otherwise the residual stream would diverge between TP ranks).
+    cfg = TransformerLSConfig(vocab_size=27, num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=64,
+                              window_size=8, chunk_size=4, dropout=0.5)
+    torch.manual_seed(0)
+    mlp = MLP(cfg).train()
+    masks: list[torch.Tensor] = []
+    mlp.dropout.register_forward_hook(lambda _m, _i, out: masks.append(out == 0))
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(3))
+    model_parallel_seed(99)
+    y = mlp(x)
+    sharded, replicated = masks
+    assert sharded.shape[-1] == 64 // world_size and sharded.any() and replicated.any()
+    s, r, out = _gathered(sharded.to(torch.uint8)), _gathered(replicated.to(torch.uint8)), _gathered(y.detach())
+    assert not torch.equal(s[0], s[1])
+    assert torch.equal(r[0], r[1]) and torch.equal(out[0], out[1])
+    mpu.destroy_model_parallel()
+
+
+@pytest.mark.timeout(120)
+def test_rng_tracker_dropout_differs_inside_sharded_parts_and_agrees_outside():
+    run_distributed(_rng_worker, 2, timeout=100)
