@@ -1,0 +1,82 @@
+"""The README's two commands and the paper's recipes in examples/: what a new user runs first, checked statically
+(the commands themselves run in test_training_launcher.py and in CI)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from megatron_ls.training.arguments import finalize_args, parse_args
+from megatron_ls.training.ds_config import build_ds_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    lines = text.splitlines()
+    assert lines[0].startswith("# ")
+    first_block = re.search(r"```bash\n(.*?)```", text, re.S)
+    assert first_block and text.index("```") == first_block.start()  # the first code block of the page
+    assert not text[len(lines[0]):first_block.start()].strip(), "nothing between the title and the commands"
+    commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines() if line.strip()]
+    assert commands == ["bash examples/quickstart.sh", "bash scripts/run_tests.sh"]
+    for script in ("examples/quickstart.sh", "scripts/run_tests.sh"):
+        body = open(os.path.join(ROOT, script)).read()
+        assert 'bash "$root/scripts/setup_env.sh"' in body or 'bash "$here/setup_env.sh"' in body, script
+    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    assert ci[-1] == "exec bash scripts/run_tests.sh" and all(
+        line.startswith(("set ", "cd ")) for line in ci[:-1]), ci
+    # torch pinned and installed before deepspeed (which builds against it).
+    setup = open(os.path.join(ROOT, "scripts", "setup_env.sh")).read()
+    assert setup.index("install torch==2.13.0") < setup.index("-r \"$root/requirements.txt\"")
+    assert "deepspeed==" in open(os.path.join(ROOT, "requirements.txt")).read()
+
+
+RECIPES = {  # script: (preset, layers, learning rates of the three phases)
+    "enwik8_12l.sh": ("enwik8-12l", 12, [2.5e-4, 1.25e-4, 6.25e-5]),
+    "enwik8_30l.sh": ("enwik8-30l", 30, [2.5e-4, 1.25e-4, 6.25e-5]),
+    "text8_12l.sh": ("text8-12l", 12, [5e-4, 2.5e-4, 1.25e-4]),
+}
+
+
+@pytest.mark.parametrize("script", sorted(RECIPES))
+def test_recipe_phases_parse_with_their_deepspeed_json(script, tmp_path):
+    """Each recipe, launched through a recorder instead of `deepspeed`: three phases of 2048 / 4096 / 8192 tokens,
+    memory = segment, lr halved each phase, phases 2 and 3 --finetune from the previous one; the flags and the
+    recipe's DeepSpeed JSON agree (a contradiction would be an error at start) on an 8-GPU layout."""
+    record = tmp_path / "calls"
+    recorder = tmp_path / "launch.sh"
+    recorder.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> "{record}"\nprintf "\\n\\0" >> "{record}"\n')
+    out = tmp_path / "runs"
+    env = dict(os.environ, LAUNCH=f"bash {recorder}", OUT=str(out), DATA=str(tmp_path / "data"))
+    r = subprocess.run(["bash", os.path.join(ROOT, "examples", script)], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = [c.strip("\0").split("\0") for c in record.read_text().split("\n\0") if c.strip("\0")]
+    assert len(calls) == 3
+    preset, layers, lrs = RECIPES[script]
+    for phase, argv in enumerate(calls):
+        assert argv[0].endswith("pretrain_char_lm.py")
+        args = finalize_args(parse_args(argv[1:]), world_size=8)
+        cfg = build_ds_config(args, on_cpu=False)
+        assert args.preset == preset and args.model["num_layers"] == layers
+        assert args.seq_length == args.model["mem_length"] == [2048, 4096, 8192][phase]
+        assert args.lr == pytest.approx(lrs[phase])
+        assert args.save == str(out / f"phase{phase + 1}")
+        if phase == 0:
+            assert args.load is None and not args.finetune
+        else:
+            assert args.finetune and args.load == str(out / f"phase{phase}")
+        assert cfg["bf16"]["enabled"] and cfg["train_batch_size"] == args.global_batch_size
+        assert os.path.exists(args.deepspeed_config)
+
+
+def test_hostfile_example_is_deepspeed_syntax():
+    hosts = [line.split() for line in open(os.path.join(ROOT, "examples", "hostfile")).read().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert hosts and all(len(h) == 2 and re.fullmatch(r"slots=\d+", h[1]) for h in hosts), hosts
