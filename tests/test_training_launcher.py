@@ -126,6 +126,18 @@ def test_corrupt_checkpoint_fails_on_every_rank(data, two_rank_checkpoint, tmp_p
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["vocab", "missing-ckpt"])
+def test_bad_data_or_checkpoint_fails_on_every_rank(data, tmp_path, case):
+    """Found after the process group exists (shard metadata, checkpoint folder): every rank says it and exits 1."""
+    args = ["--data-path", data, *TINY, "--train-iters", "2", "--eval-iters", "0"]
+    if case == "vocab":
+        args, want = args + ["--vocab-size", "27"], "have a vocabulary of 256 (byte tokenizer"
+    else:
+        args, want = args + ["--load", str(tmp_path / "nothing")], "checkpoint directory not found"
+    _assert_every_rank_failed(wait_all(spawn_ranks(args, world=2), timeout=120), want)
+
+
+@pytest.mark.timeout(300)
 def test_contradicting_deepspeed_json_fails_on_every_rank(data, tmp_path):
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
