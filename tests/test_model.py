@@ -96,6 +96,27 @@ def test_causality_bitwise_and_zero_gradients(attention_type, impl):
     assert torch.count_nonzero(x.grad[:, t]) > 0
 
 
+@pytest.mark.parametrize("attention_type,impl", [("long-short", "blocked"), ("long-short", "reference"),
+                                                 ("window", "blocked"), ("full", "blocked")])
+def test_whole_lm_gradients_to_later_inputs_are_exactly_zero(attention_type, impl):
+    """Through every layer (and the memory of a previous segment): d logits[t] / d input[s] == 0 exactly for s > t,
+    for t at chunk starts, chunk ends and in between."""
+    m = TransformerLSLM(tiny(attention_type=attention_type, attention_impl=impl)).eval()
+    torch.manual_seed(4)
+    _, memory = m(torch.randint(0, 27, (2, 32)))
+    tokens = torch.randint(0, 27, (2, 48))
+    seen = []
+    m.embedding_dropout.register_forward_hook(lambda _m, _i, out: seen.append(out) or out.retain_grad())
+    for t in (0, 3, 4, 21, 31, 46):
+        seen.clear()
+        m.zero_grad()
+        logits, _ = m(tokens, memory)
+        (emb,) = seen
+        logits[:, t].sum().backward()
+        assert torch.count_nonzero(emb.grad[:, t + 1:]) == 0, t
+        assert torch.count_nonzero(emb.grad[:, t]) > 0, t
+
+
 # ---- memory -----------------------------------------------------------------------------------
 
 def run_segments(m, tokens, n):
