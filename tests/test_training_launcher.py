@@ -49,6 +49,14 @@ def test_quickstart_loss_falls(data, tmp_path):
     valid = [m for m in metrics(out) if "valid_bpc" in m]
     assert valid and valid[-1]["final"] and valid[-1]["valid_bpc"] < 6.0
     assert "quickstart: training loss" in r.stdout and "valid BPC" in r.stdout
+    # It ends by consolidating, evaluating the test split and sampling from the model it trained.
+    assert sorted(os.listdir(os.path.join(out, "consolidated"))) == ["config.json", "model.safetensors",
+                                                                      "tokenizer.json"]
+    test_bpc = json.load(open(os.path.join(out, "test_bpc.json")))
+    assert 0 < test_bpc["bpc"] < 8 and test_bpc["tokens"] > 0
+    assert "test bits per character" in r.stdout
+    sample = r.stdout.split("test bits per character", 1)[1].split("\n", 1)[1]  # generate.py's text comes last
+    assert sample.startswith("The ") and len(sample.encode("utf-8", "surrogateescape")) > 100, r.stdout[-1000:]
 
 
 @pytest.mark.timeout(300)
