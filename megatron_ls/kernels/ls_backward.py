@@ -15,24 +15,26 @@ import triton
 import triton.language as tl
 
 from megatron_ls.kernels.ls_forward import dot_precision
-from megatron_ls.kernels.ls_tiles import landmark_band_grad, landmark_tile, window_band_grad, window_tile
+from megatron_ls.kernels.ls_tiles import (
+    landmark_band_grad,
+    landmark_tile,
+    load_queries,
+    window_band_grad,
+    window_tile,
+)
 from megatron_ls.kernels.triton_setup import BAND_SIZES, configs
 
 
 @triton.jit
 def _load_query_side(Q, U, V, DO, LSE, DELTA, bh, h, offs_i, N, scale, DH: tl.constexpr):
     """Scaled queries (plain, +u, +v), dO, log-sum-exp and delta = rowsum(dO * O) of one query block."""
+    qs, qu, qv = load_queries(Q, U, V, bh, h, offs_i, N, scale, DH)
     offs_d = tl.arange(0, DH)
     row_ok = offs_i < N
-    ptrs = bh * N * DH + offs_i[:, None] * DH + offs_d[None, :]
-    q = tl.load(Q + ptrs, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + ptrs, mask=row_ok[:, None], other=0.0)
-    qs32 = q.to(tl.float32) * scale
-    qu = (qs32 + tl.load(U + h * DH + offs_d).to(tl.float32)[None, :]).to(q.dtype)
-    qv = (qs32 + tl.load(V + h * DH + offs_d).to(tl.float32)[None, :]).to(q.dtype)
+    do = tl.load(DO + bh * N * DH + offs_i[:, None] * DH + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh * N + offs_i, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * N + offs_i, mask=row_ok, other=0.0)
-    return qs32.to(q.dtype), qu, qv, do, lse, delta
+    return qs, qu, qv, do, lse, delta
 
 
 @triton.jit

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_ls.kernels.ls_tiles import landmark_tile, window_tile
+from megatron_ls.kernels.ls_tiles import landmark_tile, load_queries, window_tile
 from megatron_ls.kernels.triton_setup import BAND_SIZES, configs
 
 LOG2E = 1.4426950408889634
@@ -45,11 +45,7 @@ def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, OUT, LSE, scale,
     offs_n = tl.arange(0, BN)
     row_ok = offs_i < N
 
-    q = tl.load(Q + bh * N * DH + offs_i[:, None] * DH + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    qs32 = q.to(tl.float32) * scale
-    qs = qs32.to(q.dtype)
-    qu = (qs32 + tl.load(U + h * DH + offs_d).to(tl.float32)[None, :]).to(q.dtype)
-    qv = (qs32 + tl.load(V + h * DH + offs_d).to(tl.float32)[None, :]).to(q.dtype)
+    qs, qu, qv = load_queries(Q, U, V, bh, h, offs_i, N, scale, DH)
 
     m_i = tl.full((BM,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)

@@ -14,6 +14,17 @@ import triton.language as tl
 
 
 @triton.jit
+def load_queries(Q, U, V, bh, h, offs_i, N, scale, DH: tl.constexpr):
+    """One query block, scaled, plain and with the biases u and v added (fp32 sums, input dtype out)."""
+    offs_d = tl.arange(0, DH)
+    q = tl.load(Q + bh * N * DH + offs_i[:, None] * DH + offs_d[None, :], mask=(offs_i < N)[:, None], other=0.0)
+    qs32 = q.to(tl.float32) * scale
+    qu = (qs32 + tl.load(U + h * DH + offs_d).to(tl.float32)[None, :]).to(q.dtype)
+    qv = (qs32 + tl.load(V + h * DH + offs_d).to(tl.float32)[None, :]).to(q.dtype)
+    return qs32.to(q.dtype), qu, qv
+
+
+@triton.jit
 def window_tile(qu, qv, kw, rw_ptr, offs_i, offs_s, i0, s0, P, N, W,
                 BN: tl.constexpr, NDW: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
     """Scores (q+u).k_s + (q+v).R_w(P+i-s) of one window tile, its visibility and its R band."""
