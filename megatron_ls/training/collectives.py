@@ -35,6 +35,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Destroy the process group before the interpreter exits.
+
+    Left to interpreter teardown, gloo's background threads can be destroyed while still joinable and the
+    process aborts ("terminate called without an active exception", exit -6) after its error message.
+    Local only: safe when the other ranks have already exited or are exiting on the same error.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def agree(fn: Callable[[], T], what: str) -> T:
     """Run ``fn`` on every rank; if it raises a TrainingError on any, raise one on all.
 

@@ -95,6 +95,23 @@ def _default_master() -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
+def _unlink_deepspeed_shm(rank: int) -> None:
+    """Remove the name of DeepSpeed's CPU all-reduce workspace once every rank has mapped it.
+
+    DeepSpeed's shm comm op (all ranks on one host, LOCAL_SIZE == WORLD_SIZE) creates a ~69 MB /dev/shm file per
+    rank and never unlinks it, so every run would leave RAM-backed files behind. The mappings outlive the name:
+    after the barrier (every rank has opened its peers' files) unlinking loses nothing.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    dist.barrier()  # on every rank, whether or not DeepSpeed made the file, so no rank waits alone
+    path = os.path.join("/dev/shm", name)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # already gone or not ours: nothing to clean
+
+
 def init_distributed(tp: int = 1, pp: int = 1, config=None, timeout_s: float | None = None) -> Layout:
     """Validate the layout, start torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA), build the groups.
 
@@ -117,6 +134,7 @@ def init_distributed(tp: int = 1, pp: int = 1, config=None, timeout_s: float | N
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
     if dist.get_world_size() != world:
         raise ParallelConfigError(f"torch.distributed has {dist.get_world_size()} ranks but WORLD_SIZE={world}")
+    _unlink_deepspeed_shm(rank)
 
     mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(tp, pp)

@@ -18,7 +18,7 @@ from megatron_ls.parallel.mpu import ParallelConfigError
 
 from . import checkpointing as ckpt
 from .arguments import finalize_args, parse_args
-from .collectives import agree, barrier
+from .collectives import agree, barrier, shutdown
 from .ds_config import build_ds_config, write_ds_config
 from .errors import ConfigError, TrainingError
 from .evaluation import evaluate
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         error_line("interrupted")
         return 130
+    finally:
+        shutdown()
 
 
 # ---- setup ----------------------------------------------------------------------------------
