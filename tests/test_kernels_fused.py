@@ -81,6 +81,9 @@ SMALL = {
     "rank2_clamped": (1, 2, 48, 16, 16, 8, 2, 32, 2, True),       # r=2, distance clamp at 2
     "window_only": (1, 2, 40, 16, 16, 8, 1, 8, None, False),      # no landmarks (L = 0)
     "rank3_batch2": (2, 1, 36, 16, 8, 4, 3, 8, None, True),       # B=2, c=4, w=8, r=3
+    # Several blocks of the CUDA tiles too (tests/test_kernels_tiles.py runs these with each of them):
+    "multi_block": (1, 2, 152, 16, 48, 8, 1, 40, None, True),     # 3 query blocks of 64, ragged, memory
+    "multi_block_r2": (1, 1, 132, 16, 40, 4, 2, 24, 6, True),     # 78 landmarks: 2+ landmark blocks, clamp
 }
 
 
