@@ -41,12 +41,12 @@ class Geometry:
 # A long chunk with few landmarks (c 128, r 8) makes the landmark distance band of a tile narrow.
 GEOMETRIES = [Geometry(64, 16, 1, True), Geometry(64, 16, 4, True), Geometry(32, 8, 2, True),
               Geometry(64, 128, 8, True), Geometry(64, 16, 1, False)]
-INT_ARGS = ("H", "N", "P", "M", "L", "ND", "W", "C", "R")
+INT_ARGS = ("H", "N", "P", "M", "L", "ND", "W", "C", "R", "numel", "n_cols")
 
 
 def _signature(kernel, dtype: str, constants: dict) -> dict[str, str]:
-    """Pointer arguments get a dtype (the biases u, v and the fp32 outputs stay fp32), integers i32."""
-    fp32_ptrs = {"U", "V", "LSE", "DELTA", "DU", "DV", "DRW", "DRL"}
+    """Pointer arguments get a dtype (the biases u, v, b and the fp32 outputs stay fp32), integers i32."""
+    fp32_ptrs = {"U", "V", "LSE", "DELTA", "DU", "DV", "DRW", "DRL", "B"}
     sig = {}
     for name in kernel.arg_names:
         if name in constants:
@@ -95,6 +95,12 @@ def variants(quick: bool) -> Iterator[tuple[str, object, dict, str, int, int]]:
             label = (f"{name} {dtype} dh={geo.dh} c={geo.chunk} r={geo.chunk_rank} lm={int(geo.has_landmarks)} "
                      f"BM={cfg.kwargs['BM']} BN={cfg.kwargs['BN']} warps={cfg.num_warps} stages={cfg.num_stages}")
             yield label, fn, const, dtype, cfg.num_warps, cfg.num_stages
+    from megatron_ls.kernels import bias_gelu
+
+    elementwise = {"bias_gelu_fwd": bias_gelu._bias_gelu_fwd_kernel, "bias_gelu_bwd": bias_gelu._bias_gelu_bwd_kernel}
+    for name, fn in elementwise.items():
+        for dtype in ("bf16", "fp32"):
+            yield f"{name} {dtype} BLOCK={bias_gelu._BLOCK}", fn, {"BLOCK": bias_gelu._BLOCK}, dtype, 4, 1
 
 
 def compile_variant(fn, constants: dict, dtype: str, arch: int, num_warps: int, num_stages: int):

@@ -69,8 +69,10 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _mark(nn.Parameter(shard_init((output_size, input_size), init, 0)), 0)
         self.bias = _mark(nn.Parameter(torch.zeros(self.output_size_per_partition)), 0) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
+    def forward(self, x: torch.Tensor, skip_bias_add: bool = False) -> torch.Tensor:
+        """skip_bias_add (Megatron's name): leave the bias out, for a consumer that fuses it (bias + GELU)."""
+        bias = None if skip_bias_add else self.bias
+        y = F.linear(copy_to_tensor_model_parallel_region(x), self.weight, bias)
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
 
 
