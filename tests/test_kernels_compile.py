@@ -38,6 +38,7 @@ def test_kernels_compile_for_sm90(tmp_path):
         compiled += [line for line in res.stdout.splitlines() if line.startswith("ok sm_90")]
     assert sorted({line.split()[2] for line in compiled}) == ["bias_gelu_bwd", "bias_gelu_fwd", "dkdv_landmark",
                                                               "dkdv_window", "dq", "forward"]
+    assert sum("pos=table" in line for line in compiled) == 3  # forward, dq, dk/dv window with the position table
     for line in compiled:
         shared = int(re.search(r"shared=(\d+)B", line)[1])
         assert shared <= H100_SHARED_BYTES and (shared > 0 or "bias_gelu" in line), line  # attention tiles stage

@@ -87,11 +87,25 @@ SMALL = {
 }
 
 
+@pytest.fixture(params=["band", "table"])
+def window_pos(request, monkeypatch):
+    """Both ways of getting the window position term (MEGATRON_LS_WINDOW_POS)."""
+    monkeypatch.setenv("MEGATRON_LS_WINDOW_POS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", list(SMALL))
-def test_fused_fp32_matches_reference(case):
+def test_fused_fp32_matches_reference(case, window_pos):
     B, H, N, dh, w, c, r, M, clamp, lm = SMALL[case]
     tensors, geo = make_inputs(B, H, N, dh, w, c, r, M, clamp, lm)
     compare(tensors, geo, torch.float32, 1e-5)
+
+
+def test_fused_rejects_an_unknown_window_pos_mode(monkeypatch):
+    monkeypatch.setenv("MEGATRON_LS_WINDOW_POS", "diagonal")
+    tensors, geo = make_inputs(1, 1, 16, 16, 16, 8, 1, 0, dtype=torch.float32)
+    with pytest.raises(ValueError, match="MEGATRON_LS_WINDOW_POS must be one of band, table, got 'diagonal'"):
+        long_short_attention_fused(*tensors, **geo)
 
 
 def test_fused_softmax_scale():
@@ -129,15 +143,15 @@ LARGE = {
 
 @needs_cuda
 @pytest.mark.parametrize("case", list(LARGE))
-def test_fused_bf16_matches_reference_cuda(case):
+def test_fused_bf16_matches_reference_cuda(case, window_pos):
     B, H, N, dh, w, c, r, M, clamp, lm = LARGE[case]
     tensors, geo = make_inputs(B, H, N, dh, w, c, r, M, clamp, lm)
     errs = compare(tensors, geo, torch.bfloat16, 1e-2)
-    print(case, {k: f"{e:.1e}" for k, e in errs.items()})
+    print(case, window_pos, {k: f"{e:.1e}" for k, e in errs.items()})
 
 
 @needs_cuda
-def test_fused_fp32_matches_reference_cuda():
+def test_fused_fp32_matches_reference_cuda(window_pos):
     tensors, geo = make_inputs(1, 2, 520 - 8, 64, 128, 16, 2, 64)
     compare(tensors, geo, torch.float32, 1e-5)
 

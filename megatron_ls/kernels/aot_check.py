@@ -85,15 +85,19 @@ def variants(quick: bool) -> Iterator[tuple[str, object, dict, str, int, int]]:
         if name == "dkdv_landmark" and not geo.has_landmarks:
             continue
         fn, configs, heuristics = _unwrap(wrapped)
-        for cfg in configs[:1] if quick else configs:
+        pos_modes = ("band", "table") if "POS_TABLE" in fn.arg_names else ("",)
+        for cfg, pos in itertools.product(configs[:1] if quick else configs, pos_modes):
             const = {"DH": geo.dh, "PREC": "ieee" if dtype == "fp32" else "tf32", **cfg.kwargs}
             if "HAS_LM" in fn.arg_names:
                 const["HAS_LM"] = geo.has_landmarks
+            if pos:
+                const["POS_TABLE"] = pos == "table"
             bound = {**const, "C": geo.chunk, "R": geo.chunk_rank}
             for key, rule in heuristics.items():
                 const[key] = rule(bound)
             label = (f"{name} {dtype} dh={geo.dh} c={geo.chunk} r={geo.chunk_rank} lm={int(geo.has_landmarks)} "
-                     f"BM={cfg.kwargs['BM']} BN={cfg.kwargs['BN']} warps={cfg.num_warps} stages={cfg.num_stages}")
+                     f"BM={cfg.kwargs['BM']} BN={cfg.kwargs['BN']} warps={cfg.num_warps} stages={cfg.num_stages}"
+                     + (f" pos={pos}" if pos else ""))
             yield label, fn, const, dtype, cfg.num_warps, cfg.num_stages
     from megatron_ls.kernels import bias_gelu
 

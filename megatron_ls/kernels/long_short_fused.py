@@ -7,6 +7,8 @@ chunk-causal landmark visibility, ONE softmax (fp32 statistics) over both.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from megatron_ls.kernels.ls_backward import long_short_backward
@@ -16,8 +18,10 @@ from megatron_ls.model.attention.common import check_long_short_shapes
 
 class _LongShortFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, window, chunk, chunk_rank, mem_len, scale):
-        geo = dict(window=window, chunk=chunk, chunk_rank=chunk_rank, mem_len=mem_len, scale=scale)
+    def forward(ctx, q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, window, chunk, chunk_rank, mem_len, scale,
+                pos_table):
+        geo = dict(window=window, chunk=chunk, chunk_rank=chunk_rank, mem_len=mem_len, scale=scale,
+                   pos_table=pos_table)
         out, lse = long_short_forward(q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, **geo)
         ctx.save_for_backward(q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, lse)
         ctx.geo = geo
@@ -30,7 +34,21 @@ class _LongShortFn(torch.autograd.Function):
                                     **ctx.geo)
         dq, dkw, dvw, dkl, dvl, du, dv, drw, drl = grads
         return (dq, dkw, dvw, dkl, dvl, du.to(u.dtype), dv.to(v.dtype), drw.to(r_win.dtype), drl.to(r_lm.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
+
+
+WINDOW_POS_MODES = ("band", "table")
+
+
+def window_pos_mode() -> str:
+    """MEGATRON_LS_WINDOW_POS: how the kernels get the window position term (read at each call).
+
+    band (default): per tile, the query tile times the band of R_w rows the tile spans, moved to keys by gather.
+    table: QR = (q+v) R_w^T by one GEMM before the kernel (an N x w table per head, rebuilt in the backward)."""
+    mode = os.environ.get("MEGATRON_LS_WINDOW_POS", "band") or "band"
+    if mode not in WINDOW_POS_MODES:
+        raise ValueError(f"MEGATRON_LS_WINDOW_POS must be one of {', '.join(WINDOW_POS_MODES)}, got {mode!r}")
+    return mode
 
 
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:
@@ -71,4 +89,4 @@ def long_short_attention_fused(
         args = [t.to(dt).contiguous() for t in (q, k_win, v_win, k_lm, v_lm)]
         args += [pos_bias_u.contiguous(), pos_bias_v.contiguous()]
         args += [t.to(dt).contiguous() for t in (r_win, r_lm)]
-        return _LongShortFn.apply(*args, window, chunk, chunk_rank, mem_len, float(scale))
+        return _LongShortFn.apply(*args, window, chunk, chunk_rank, mem_len, float(scale), window_pos_mode() == "table")

@@ -14,13 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_ls.kernels.ls_forward import dot_precision
+from megatron_ls.kernels.ls_forward import dot_precision, scaled_q_plus_v, window_pos_table
 from megatron_ls.kernels.ls_tiles import (
     landmark_band_grad,
     landmark_tile,
     load_queries,
     window_band_grad,
     window_tile,
+    window_tile_table,
 )
 from megatron_ls.kernels.triton_setup import BAND_SIZES, configs
 
@@ -44,13 +45,13 @@ def _probs_and_dscores(scores, vis, lse, delta, do, v, PREC: tl.constexpr):
     return p, p * (dp - delta[:, None])
 
 
-@triton.autotune(configs=configs("dq"), key=["DH", "W", "C", "R", "HAS_LM"],
-                 reset_to_zero=["DU", "DV", "DRW", "DRL"])
+@triton.autotune(configs=configs("dq"), key=["DH", "W", "C", "R", "HAS_LM", "POS_TABLE"],
+                 reset_to_zero=["DU", "DV", "DRW", "DRL"])  # DQR is stored, not accumulated: trials may repeat
 @triton.heuristics(BAND_SIZES)
 @triton.jit
-def _dq_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, DO, LSE, DELTA, DQ, DU, DV, DRW, DRL, scale,
+def _dq_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, QR, DO, LSE, DELTA, DQ, DU, DV, DRW, DRL, DQR, scale,
                H, N, P, M, L, ND, W, C, R,
-               DH: tl.constexpr, HAS_LM: tl.constexpr, PREC: tl.constexpr,
+               DH: tl.constexpr, HAS_LM: tl.constexpr, POS_TABLE: tl.constexpr, PREC: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -92,18 +93,23 @@ def _dq_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, DO, LSE, DELTA, DQ, DU, DV, DRW,
         kv_mask = (offs_s < S)[:, None]
         kw = tl.load(KW + bh * S * DH + offs_s[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
         vw = tl.load(VW + bh * S * DH + offs_s[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
-        scores, vis, rb, band = window_tile(qu, qv, kw, RW + h * W * DH, offs_i, offs_s, i0, s0, P, N, W,
-                                            BN, NDW, DH, PREC)
-        p, ds = _probs_and_dscores(scores, vis, lse, delta, do, vw, PREC)
+        if POS_TABLE:  # the position term's gradient is dS itself, stored at (i, d); the host finishes it
+            scores, vis, table = window_tile_table(qu, kw, QR + bh * N * W, offs_i, offs_s, P, N, W, PREC)
+            p, ds = _probs_and_dscores(scores, vis, lse, delta, do, vw, PREC)
+            tl.store(DQR + bh * N * W + table, ds.to(DQR.dtype.element_ty), mask=vis)
+        else:
+            scores, vis, rb, band = window_tile(qu, qv, kw, RW + h * W * DH, offs_i, offs_s, i0, s0, P, N, W,
+                                                BN, NDW, DH, PREC)
+            p, ds = _probs_and_dscores(scores, vis, lse, delta, do, vw, PREC)
+            dsb = window_band_grad(ds, offs_i, band, s0, P, BN)
+            dv += tl.sum(tl.sum(dsb, 0)[:, None] * rb.to(tl.float32), 0)
+            dsb = dsb.to(dt)
+            dq += tl.dot(dsb, rb, input_precision=PREC)
+            drb = tl.dot(tl.trans(dsb), qv, input_precision=PREC)
+            band_ok = (band >= 0) & (band < W)
+            tl.atomic_add(DRW + h * W * DH + band[:, None] * DH + offs_d[None, :], drb, mask=band_ok[:, None])
         dq += tl.dot(ds.to(dt), kw, input_precision=PREC)
         du += tl.sum(tl.sum(ds, 0)[:, None] * kw.to(tl.float32), 0)
-        dsb = window_band_grad(ds, offs_i, band, s0, P, BN)
-        dv += tl.sum(tl.sum(dsb, 0)[:, None] * rb.to(tl.float32), 0)
-        dsb = dsb.to(dt)
-        dq += tl.dot(dsb, rb, input_precision=PREC)
-        drb = tl.dot(tl.trans(dsb), qv, input_precision=PREC)
-        band_ok = (band >= 0) & (band < W)
-        tl.atomic_add(DRW + h * W * DH + band[:, None] * DH + offs_d[None, :], drb, mask=band_ok[:, None])
 
     tl.store(DQ + bh * N * DH + offs_i[:, None] * DH + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=(offs_i < N)[:, None])
@@ -111,11 +117,11 @@ def _dq_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, DO, LSE, DELTA, DQ, DU, DV, DRW,
     tl.atomic_add(DV + h * DH + offs_d, dv)
 
 
-@triton.autotune(configs=configs("dkdv"), key=["DH", "W", "C", "R"])
+@triton.autotune(configs=configs("dkdv"), key=["DH", "W", "C", "R", "POS_TABLE"])
 @triton.heuristics(BAND_SIZES)
 @triton.jit
-def _dkdv_window_kernel(Q, KW, VW, U, V, RW, DO, LSE, DELTA, DKW, DVW, scale, H, N, P, W, C, R,
-                        DH: tl.constexpr, PREC: tl.constexpr,
+def _dkdv_window_kernel(Q, KW, VW, U, V, RW, QR, DO, LSE, DELTA, DKW, DVW, scale, H, N, P, W, C, R,
+                        DH: tl.constexpr, POS_TABLE: tl.constexpr, PREC: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -136,8 +142,11 @@ def _dkdv_window_kernel(Q, KW, VW, U, V, RW, DO, LSE, DELTA, DKW, DVW, scale, H,
     for i0 in range(i_lo, i_hi, BM):
         offs_i = i0 + tl.arange(0, BM)
         qs, qu, qv, do, lse, delta = _load_query_side(Q, U, V, DO, LSE, DELTA, bh, h, offs_i, N, scale, DH)
-        scores, vis, _rb, _band = window_tile(qu, qv, kw, RW + h * W * DH, offs_i, offs_s, i0, s0, P, N, W,
-                                              BN, NDW, DH, PREC)
+        if POS_TABLE:
+            scores, vis, _t = window_tile_table(qu, kw, QR + bh * N * W, offs_i, offs_s, P, N, W, PREC)
+        else:
+            scores, vis, _rb, _band = window_tile(qu, qv, kw, RW + h * W * DH, offs_i, offs_s, i0, s0, P, N, W,
+                                                  BN, NDW, DH, PREC)
         p, ds = _probs_and_dscores(scores, vis, lse, delta, do, vw, PREC)
         dvw += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dkw += tl.dot(tl.trans(ds.to(qu.dtype)), qu, input_precision=PREC)
@@ -178,8 +187,12 @@ def _dkdv_landmark_kernel(Q, KL, VL, U, V, RL, DO, LSE, DELTA, DKL, DVL, scale, 
 
 
 def long_short_backward(do, q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, lse, *, window: int, chunk: int,
-                        chunk_rank: int, mem_len: int, scale: float) -> tuple[torch.Tensor, ...]:
-    """Gradients (dq, dk_win, dv_win, dk_lm, dv_lm, du, dv, dr_win, dr_lm); du..dr_lm in fp32."""
+                        chunk_rank: int, mem_len: int, scale: float,
+                        pos_table: bool = False) -> tuple[torch.Tensor, ...]:
+    """Gradients (dq, dk_win, dv_win, dk_lm, dv_lm, du, dv, dr_win, dr_lm); du..dr_lm in fp32.
+
+    pos_table: the window position table is rebuilt here (not saved by the forward) and its gradient dQR,
+    written by the dq kernel, goes to q, v and R_w through two GEMMs."""
     B, H, N, dh = q.shape
     P = k_win.shape[2] - N
     L = k_lm.shape[2]
@@ -192,13 +205,24 @@ def long_short_backward(do, q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out,
     f32 = dict(device=q.device, dtype=torch.float32)
     du, dv = torch.zeros((H, dh), **f32), torch.zeros((H, dh), **f32)
     drw, drl = torch.zeros((H, window, dh), **f32), torch.zeros((H, ND, dh), **f32)
+    # Pairs (i, d) with no key (i + P - d < 0) are never written: the table's gradient starts at zero.
+    if pos_table:
+        qr, dqr = window_pos_table(q, v, r_win, scale), torch.zeros((B, H, N, window), device=q.device, dtype=q.dtype)
+    else:
+        qr = dqr = q.new_empty(0)  # placeholders the kernels never touch
 
     _dq_kernel[lambda m: (triton.cdiv(N, m["BM"]), B * H)](
-        q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, do, lse, delta, dq, du, dv, drw, drl, scale,
-        H, N, P, mem_len, L, ND, window, chunk, chunk_rank, DH=dh, HAS_LM=L > 0, PREC=prec)
+        q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, qr, do, lse, delta, dq, du, dv, drw, drl, dqr, scale,
+        H, N, P, mem_len, L, ND, window, chunk, chunk_rank, DH=dh, HAS_LM=L > 0, POS_TABLE=pos_table, PREC=prec)
     _dkdv_window_kernel[lambda m: (triton.cdiv(P + N, m["BN"]), B * H)](
-        q, k_win, v_win, u, v, r_win, do, lse, delta, dkw, dvw, scale, H, N, P, window, chunk, chunk_rank,
-        DH=dh, PREC=prec)
+        q, k_win, v_win, u, v, r_win, qr, do, lse, delta, dkw, dvw, scale, H, N, P, window, chunk, chunk_rank,
+        DH=dh, POS_TABLE=pos_table, PREC=prec)
+    if pos_table:
+        del qr
+        dqv = torch.matmul(dqr, r_win.unsqueeze(0))  # d/d(q * scale + v): (B, H, N, dh)
+        dq = (dq.float() + dqv.float() * scale).to(dq.dtype)
+        dv += dqv.float().sum((0, 2))
+        drw += torch.matmul(dqr.transpose(2, 3), scaled_q_plus_v(q, v, scale)).float().sum(0)
     if L:
         _dkdv_landmark_kernel[lambda m: (triton.cdiv(L, m["BN"]), B * H)](
             q, k_lm, v_lm, u, v, r_lm, do, lse, delta, dkl, dvl, scale, H, N, mem_len, L, ND, chunk, chunk_rank,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_ls.kernels.ls_tiles import landmark_tile, load_queries, window_tile
+from megatron_ls.kernels.ls_tiles import landmark_tile, load_queries, window_tile, window_tile_table
 from megatron_ls.kernels.triton_setup import BAND_SIZES, configs
 
 LOG2E = 1.4426950408889634
@@ -29,12 +29,12 @@ def _softmax_step(scores, vis, m_i, l_i, acc, v, PREC: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=configs("fwd"), key=["DH", "W", "C", "R", "HAS_LM"])
+@triton.autotune(configs=configs("fwd"), key=["DH", "W", "C", "R", "HAS_LM", "POS_TABLE"])
 @triton.heuristics(BAND_SIZES)
 @triton.jit
-def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, OUT, LSE, scale,
+def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, QR, OUT, LSE, scale,
                 H, N, P, M, L, ND, W, C, R,
-                DH: tl.constexpr, HAS_LM: tl.constexpr, PREC: tl.constexpr,
+                DH: tl.constexpr, HAS_LM: tl.constexpr, POS_TABLE: tl.constexpr, PREC: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -75,8 +75,11 @@ def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, OUT, LSE, scale,
         kv_mask = (offs_s < S)[:, None]
         kw = tl.load(kw_base + offs_s[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
         vw = tl.load(vw_base + offs_s[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
-        scores, vis, _rb, _band = window_tile(qu, qv, kw, RW + h * W * DH, offs_i, offs_s, i0, s0, P, N, W,
-                                              BN, NDW, DH, PREC)
+        if POS_TABLE:
+            scores, vis, _t = window_tile_table(qu, kw, QR + bh * N * W, offs_i, offs_s, P, N, W, PREC)
+        else:
+            scores, vis, _rb, _band = window_tile(qu, qv, kw, RW + h * W * DH, offs_i, offs_s, i0, s0, P, N, W,
+                                                  BN, NDW, DH, PREC)
         m_i, l_i, acc = _softmax_step(scores, vis, m_i, l_i, acc, vw, PREC)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # only padding rows (i >= N) see nothing
@@ -91,16 +94,31 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def scaled_q_plus_v(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q * scale + v_h, summed in fp32 and rounded to q's dtype, as the kernels' own q+v."""
+    return (q.float() * scale + v.float()[None, :, None, :]).to(q.dtype)
+
+
+def window_pos_table(q: torch.Tensor, v: torch.Tensor, r_win: torch.Tensor, scale: float) -> torch.Tensor:
+    """QR[b, h, i, d] = (q_i * scale + v_h) . R_w[h, d]: the window position term as one batched GEMM,
+    (B, H, N, w) in q's dtype."""
+    return torch.matmul(scaled_q_plus_v(q, v, scale), r_win.transpose(1, 2).unsqueeze(0))
+
+
 def long_short_forward(q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, *, window: int, chunk: int,
-                       chunk_rank: int, mem_len: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward; inputs contiguous and of one dtype. Returns (out, lse in log2 units)."""
+                       chunk_rank: int, mem_len: int, scale: float,
+                       pos_table: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward; inputs contiguous and of one dtype. Returns (out, lse in log2 units).
+
+    pos_table: read the window position term from window_pos_table() (built here, freed on return)."""
     B, H, N, dh = q.shape
     P = k_win.shape[2] - N
     L = k_lm.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    qr = window_pos_table(q, v, r_win, scale) if pos_table else q.new_empty(0)  # a placeholder, never read
     grid = lambda meta: (triton.cdiv(N, meta["BM"]), B * H)  # noqa: E731
-    _fwd_kernel[grid](q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, lse, scale,
+    _fwd_kernel[grid](q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, qr, out, lse, scale,
                       H, N, P, mem_len, L, r_lm.shape[1], window, chunk, chunk_rank,
-                      DH=dh, HAS_LM=L > 0, PREC=dot_precision(q.dtype))
+                      DH=dh, HAS_LM=L > 0, POS_TABLE=pos_table, PREC=dot_precision(q.dtype))
     return out, lse

@@ -5,6 +5,10 @@ distance; the distances of a tile form one contiguous band, so the kernel multip
 tile by that band of R (one small tl.dot) and moves each score to its key with tl.gather. The
 band's gradient is the inverse gather of dS (window distances are unique per (i, s); landmark
 distances repeat across the r landmarks of a chunk, hence the sum over k < r).
+
+The window term can instead come from a table QR = (q+v) R_w^T computed by one GEMM outside the
+kernel (window_tile_table): less arithmetic and fewer registers per tile, for an N x w table per head
+in memory. Which is faster is the GPU's to say (bench/gpu_check.sh measures both).
 """
 
 from __future__ import annotations
@@ -38,6 +42,18 @@ def window_tile(qu, qv, kw, rw_ptr, offs_i, offs_s, i0, s0, P, N, W,
     scores = tl.dot(qu, tl.trans(kw), input_precision=PREC) + pos
     vis = (dist >= 0) & (dist < W) & (offs_i < N)[:, None]
     return scores, vis, rb, band
+
+
+@triton.jit
+def window_tile_table(qu, kw, qr_ptr, offs_i, offs_s, P, N, W, PREC: tl.constexpr):
+    """The window tile with its position term read from a precomputed table QR[i, d] = (q_i+v).R_w(d)
+    (MEGATRON_LS_WINDOW_POS=table): a skewed load, d = P + i - s, instead of the band product and gather.
+    Returns the scores, the visibility and the table offsets (the backward stores dS there)."""
+    dist = P + offs_i[:, None] - offs_s[None, :]
+    vis = (dist >= 0) & (dist < W) & (offs_i < N)[:, None]
+    table = offs_i[:, None] * W + dist
+    pos = tl.load(qr_ptr + table, mask=vis, other=0.0).to(tl.float32)
+    return tl.dot(qu, tl.trans(kw), input_precision=PREC) + pos, vis, table
 
 
 @triton.jit
