@@ -115,6 +115,29 @@ def test_checkpointing_zero_and_pipeline_lower_the_estimate():
     assert total(micro_batch_size=2) > total()
 
 
+def test_window_position_table_adds_its_two_tables_to_the_workspace(monkeypatch):
+    """MEGATRON_LS_WINDOW_POS=table: the table and its gradient (B x H/tp x N x w each) live in a layer's backward."""
+    import argparse
+
+    from megatron_ls.training.errors import ConfigError
+    from megatron_ls.training.memory_check import training_layout
+
+    cfg = TransformerLSConfig.from_preset("enwik8-12l", attention_impl="fused")
+    args = argparse.Namespace(bf16=True, fp16=False, micro_batch_size=2, gradient_accumulation_steps=1,
+                              tensor_model_parallel_size=2, pipeline_model_parallel_size=1, data_parallel_size=1,
+                              zero_stage=0, checkpoint_activations=False)
+    monkeypatch.setenv("MEGATRON_LS_WINDOW_POS", "table")
+    table = training_layout(args, cfg, {}, "cuda")
+    monkeypatch.setenv("MEGATRON_LS_WINDOW_POS", "band")
+    band = training_layout(args, cfg, {}, "cuda")
+    assert (table.attention_impl, band.attention_impl) == ("fused-table", "fused")
+    diff = estimate_memory(cfg, 8192, 0, table).total - estimate_memory(cfg, 8192, 0, band).total
+    assert diff == 2 * 2 * (8 // 2) * 8192 * 512 * 2  # 2 tables x B x H/tp x N x w x bf16
+    monkeypatch.setenv("MEGATRON_LS_WINDOW_POS", "skewed")
+    with pytest.raises(ConfigError, match="MEGATRON_LS_WINDOW_POS must be one of band, table, got 'skewed'"):
+        training_layout(args, cfg, {}, "cuda")
+
+
 def test_enwik8_30l_phase3_fits_32gb_on_8_gpus():
     """The paper trains 30 layers at 8192 tokens with 8192 of memory on 8 V100 32GB."""
     cfg = TransformerLSConfig.from_preset("enwik8-30l", mem_length=8192)

@@ -27,3 +27,17 @@ def fused_available(device: torch.device | str | None = None) -> bool:
     if dev.type == "cuda":
         return torch.cuda.is_available()
     return dev.type == "cpu" and interpreting()
+
+
+WINDOW_POS_MODES = ("band", "table")
+
+
+def window_pos_mode() -> str:
+    """MEGATRON_LS_WINDOW_POS: how the fused kernels get the window position term (read at each call).
+
+    band (default): per tile, the query tile times the band of R_w rows the tile spans, moved to keys by gather.
+    table: QR = (q+v) R_w^T by one GEMM before the kernel (an N x w table per head, rebuilt in the backward)."""
+    mode = os.environ.get("MEGATRON_LS_WINDOW_POS", "band") or "band"
+    if mode not in WINDOW_POS_MODES:
+        raise ValueError(f"MEGATRON_LS_WINDOW_POS must be one of {', '.join(WINDOW_POS_MODES)}, got {mode!r}")
+    return mode

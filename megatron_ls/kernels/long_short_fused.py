@@ -7,10 +7,9 @@ chunk-causal landmark visibility, ONE softmax (fp32 statistics) over both.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from megatron_ls.kernels.availability import window_pos_mode
 from megatron_ls.kernels.ls_backward import long_short_backward
 from megatron_ls.kernels.ls_forward import long_short_forward
 from megatron_ls.model.attention.common import check_long_short_shapes
@@ -35,20 +34,6 @@ class _LongShortFn(torch.autograd.Function):
         dq, dkw, dvw, dkl, dvl, du, dv, drw, drl = grads
         return (dq, dkw, dvw, dkl, dvl, du.to(u.dtype), dv.to(v.dtype), drw.to(r_win.dtype), drl.to(r_lm.dtype),
                 None, None, None, None, None, None)
-
-
-WINDOW_POS_MODES = ("band", "table")
-
-
-def window_pos_mode() -> str:
-    """MEGATRON_LS_WINDOW_POS: how the kernels get the window position term (read at each call).
-
-    band (default): per tile, the query tile times the band of R_w rows the tile spans, moved to keys by gather.
-    table: QR = (q+v) R_w^T by one GEMM before the kernel (an N x w table per head, rebuilt in the backward)."""
-    mode = os.environ.get("MEGATRON_LS_WINDOW_POS", "band") or "band"
-    if mode not in WINDOW_POS_MODES:
-        raise ValueError(f"MEGATRON_LS_WINDOW_POS must be one of {', '.join(WINDOW_POS_MODES)}, got {mode!r}")
-    return mode
 
 
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:

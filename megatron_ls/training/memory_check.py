@@ -34,6 +34,17 @@ def device_memory_bytes(device_type: str, local_rank: int = 0, override_gib: flo
     return int(psutil.virtual_memory().available // max(local, 1))
 
 
+def _core(impl: str) -> str:
+    if impl != "fused":
+        return "blocked"
+    from megatron_ls.kernels.availability import window_pos_mode
+
+    try:
+        return "fused-table" if window_pos_mode() == "table" else "fused"
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def training_layout(args: argparse.Namespace, config: TransformerLSConfig, ds_config: dict[str, Any],
                     device_type: str) -> TrainingLayout:
     """The estimate's view of this run: batch, parallel sizes, ZeRO settings, precision, attention kernel."""
@@ -48,7 +59,7 @@ def training_layout(args: argparse.Namespace, config: TransformerLSConfig, ds_co
                           tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                           dp=args.data_parallel_size, zero_stage=int(zero.get("stage", args.zero_stage)),
                           checkpoint_activations=bool(args.checkpoint_activations), precision=precision,
-                          attention_impl="fused" if impl == "fused" else "blocked", device=device_type,
+                          attention_impl=_core(impl), device=device_type,
                           reduce_bucket_size=int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
                           overlap_comm=bool(zero.get("overlap_comm", False)))
 

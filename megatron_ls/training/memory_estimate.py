@@ -52,7 +52,9 @@ class TrainingLayout:
     zero_stage: int = 0
     checkpoint_activations: bool = False
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    attention_impl: str = "blocked"  # what runs the long-short core: blocked (CPU) or fused (CUDA)
+    # What runs the long-short core: blocked (CPU), fused (CUDA) or fused-table (fused with the window position
+    # table, MEGATRON_LS_WINDOW_POS=table: two B x H x N x w tables live during each layer's backward).
+    attention_impl: str = "blocked"
     device: str = "cuda"  # cuda | cpu: CPU dropout keeps its mask in the activation dtype, CUDA as one byte
     reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET
     overlap_comm: bool = False
@@ -258,7 +260,7 @@ def layer_activation_bytes(config: TransformerLSConfig, B: int, N: int, M: int, 
                           + Hl * B * nl * D * s + 2 * Dl * D * s)  # stream, chunk softmax, compressed rows, W
         a["ln_lm"] = 2 * B * nl * Dl * s + 2 * _layer_norm_saved(B * nl, D, s, tp)
         a["r_lm"] = n_dist * D * s + n_dist * Dl * s
-    if attention_impl == "fused":
+    if attention_impl.startswith("fused"):
         # The kernel keeps contiguous copies of q, window k/v, landmark k/v, the output and the row logsumexp.
         nl = T // c * r if landmarks else 0
         a["core"] = 2 * B * N * Dl * s + 2 * B * S * Dl * s + 2 * B * nl * Dl * s + B * Hl * N * 4 + Hl * w * dh * s
@@ -321,6 +323,8 @@ def estimate_memory(config: TransformerLSConfig, seq_length: int, mem_length: in
         params, grads, optimizer = state_bytes(n_params, layout)
         cache = n_layers * (layout.grad_accum_steps + 1) * B * M * config.hidden_size * s if M else 0
         workspace = layer_total + (loss_workspace_bytes(config, B, N, tp, s) if last else 0)
+        if layout.attention_impl == "fused-table":  # the table and its gradient, both in the compute dtype
+            workspace += 2 * B * (config.num_attention_heads // tp) * N * config.window_size * s
         est = MemoryEstimate(params=params, grads=grads, optimizer=optimizer,
                              buffers=buffer_bytes(config, layout, n_params), activations=activations,
                              memory_cache=cache, workspace=workspace, stage=stage, layers_on_stage=n_layers,
