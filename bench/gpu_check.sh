@@ -56,8 +56,19 @@ done
 
 # 2b. Whole model (enwik8-12l): tokens/s long-short vs full (issue 6: >= 1.5x at 8K, >= 3x at 32K), and the
 #     memory estimate against a measured 2-layer slice on this card.
-status "bench/train_throughput.py enwik8-12l"
-timeout "$(cap 120)" "$PY" bench/train_throughput.py --device cuda --presets enwik8-12l --types long-short,full \
+#     The window position mode that was faster for one layer at N = 32K, M = 0 runs the whole model.
+pos_mode=$("$PY" - "$out" <<'PYEOF' 2>/dev/null || echo band
+import json, os, sys
+ms = {}
+for mode, name in (("band", "attention-m0.json"), ("table", "attention-m0-table.json")):
+    path = os.path.join(sys.argv[1], name)
+    if os.path.exists(path):
+        ms.update({mode: r["ms"] for r in json.load(open(path))["rows"] if r["impl"] == "fused" and r["N"] == 32768})
+print(min(ms, key=ms.get) if ms else "band")
+PYEOF
+)
+status "bench/train_throughput.py enwik8-12l (MEGATRON_LS_WINDOW_POS=$pos_mode)"
+MEGATRON_LS_WINDOW_POS=$pos_mode timeout "$(cap 120)" "$PY" bench/train_throughput.py --device cuda --presets enwik8-12l --types long-short,full \
   --sizes 8192,32768 --steps 5 --warmup 2 --output "$out/train_throughput.json" > "$out/train_throughput.log" 2>&1
 rc[train_tput]=$?; tail -8 "$out/train_throughput.log"
 status "bench/memory.py enwik8-30l N=8192, measured 2-layer slice"
