@@ -45,7 +45,7 @@ def _probs_and_dscores(scores, vis, lse, delta, do, v, PREC: tl.constexpr):
     return p, p * (dp - delta[:, None])
 
 
-@triton.autotune(configs=configs("dq"), key=["DH", "W", "C", "R", "HAS_LM", "POS_TABLE"],
+@triton.autotune(configs=configs("dq"), key=["N", "DH", "W", "C", "R", "HAS_LM", "POS_TABLE"],
                  reset_to_zero=["DU", "DV", "DRW", "DRL"])  # DQR is stored, not accumulated: trials may repeat
 @triton.heuristics(BAND_SIZES)
 @triton.jit
@@ -117,7 +117,7 @@ def _dq_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, QR, DO, LSE, DELTA, DQ, DU, DV, 
     tl.atomic_add(DV + h * DH + offs_d, dv)
 
 
-@triton.autotune(configs=configs("dkdv"), key=["DH", "W", "C", "R", "POS_TABLE"])
+@triton.autotune(configs=configs("dkdv"), key=["N", "DH", "W", "C", "R", "POS_TABLE"])
 @triton.heuristics(BAND_SIZES)
 @triton.jit
 def _dkdv_window_kernel(Q, KW, VW, U, V, RW, QR, DO, LSE, DELTA, DKW, DVW, scale, H, N, P, W, C, R,
@@ -154,7 +154,7 @@ def _dkdv_window_kernel(Q, KW, VW, U, V, RW, QR, DO, LSE, DELTA, DKW, DVW, scale
     tl.store(DVW + ptrs, dvw.to(DVW.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=configs("dkdv"), key=["DH", "C", "R"])
+@triton.autotune(configs=configs("dkdv"), key=["N", "DH", "C", "R"])
 @triton.heuristics(BAND_SIZES)
 @triton.jit
 def _dkdv_landmark_kernel(Q, KL, VL, U, V, RL, DO, LSE, DELTA, DKL, DVL, scale, H, N, M, L, ND, C, R,

@@ -29,7 +29,7 @@ def _softmax_step(scores, vis, m_i, l_i, acc, v, PREC: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=configs("fwd"), key=["DH", "W", "C", "R", "HAS_LM", "POS_TABLE"])
+@triton.autotune(configs=configs("fwd"), key=["N", "DH", "W", "C", "R", "HAS_LM", "POS_TABLE"])
 @triton.heuristics(BAND_SIZES)
 @triton.jit
 def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, QR, OUT, LSE, scale,
