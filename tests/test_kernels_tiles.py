@@ -32,3 +32,24 @@ def test_each_cuda_tile_matches_reference_in_the_interpreter(tile):
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=560)
     assert res.returncode == 0, res.stdout[-4000:]
     assert re.search(r"^8 passed", res.stdout, re.M), res.stdout[-1000:]  # 4 cases x (band, table); a skip shows
+
+
+@pytest.mark.parametrize("kernel", sorted(_TILES))
+@pytest.mark.parametrize("c,r", [(16, 1), (16, 4), (8, 2), (4, 3), (128, 8), (2, 1)])
+def test_landmark_band_holds_every_distance_of_a_tile(kernel, c, r):
+    """Brute force over query and landmark block offsets: the distances of the LSTEP landmarks a tile owns lie in
+    [dlo, dlo + NDL), dlo as the kernels compute it, so the band and its gather never miss a row."""
+    from megatron_ls.kernels.triton_setup import BAND_SIZES
+
+    for bm, bn, _, _ in _TILES[kernel]:
+        meta = {"BM": bm, "BN": bn, "C": c, "R": r}
+        for name, rule in BAND_SIZES.items():
+            meta[name] = rule(meta)
+        ndl, step = meta["NDL"], meta["LSTEP"]
+        assert 1 <= step <= bn and ndl >= 16 and ndl & (ndl - 1) == 0
+        for m in (0, 5, c):  # memory length shifts the queries' chunks
+            for i0 in range(0, 4 * bm, bm):
+                for l0 in range(0, 6 * step, step):
+                    dlo = (m + i0) // c - 1 - (l0 + step - 1) // r
+                    dists = {(m + i) // c - 1 - j // r for i in range(i0, i0 + bm) for j in range(l0, l0 + step)}
+                    assert dlo <= min(dists) and max(dists) < dlo + ndl, (bm, bn, m, i0, l0)

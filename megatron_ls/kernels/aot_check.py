@@ -93,8 +93,8 @@ def variants(quick: bool) -> Iterator[tuple[str, object, dict, str, int, int]]:
             if pos:
                 const["POS_TABLE"] = pos == "table"
             bound = {**const, "C": geo.chunk, "R": geo.chunk_rank}
-            for key, rule in heuristics.items():
-                const[key] = rule(bound)
+            for key, rule in heuristics.items():  # in order: a rule may read an earlier one's value
+                const[key] = bound[key] = rule(bound)
             label = (f"{name} {dtype} dh={geo.dh} c={geo.chunk} r={geo.chunk_rank} lm={int(geo.has_landmarks)} "
                      f"BM={cfg.kwargs['BM']} BN={cfg.kwargs['BN']} warps={cfg.num_warps} stages={cfg.num_stages}"
                      + (f" pos={pos}" if pos else ""))

@@ -52,7 +52,8 @@ def _probs_and_dscores(scores, vis, lse, delta, do, v, PREC: tl.constexpr):
 def _dq_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, QR, DO, LSE, DELTA, DQ, DU, DV, DRW, DRL, DQR, scale,
                H, N, P, M, L, ND, W, C, R,
                DH: tl.constexpr, HAS_LM: tl.constexpr, POS_TABLE: tl.constexpr, PREC: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr):
+               BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr,
+               LSTEP: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     h = bh % H
@@ -70,13 +71,14 @@ def _dq_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, QR, DO, LSE, DELTA, DQ, DU, DV, 
 
     if HAS_LM:
         n_vis = (M + tl.minimum(i0 + BM, N) - 1) // C * R
-        for l0 in range(0, n_vis, BN):
+        for l0 in range(0, n_vis, LSTEP):
             offs_l = l0 + offs_n
-            kv_mask = (offs_l < L)[:, None]
+            l_end = tl.minimum(l0 + LSTEP, L)
+            kv_mask = (offs_l < l_end)[:, None]
             kl = tl.load(KL + bh * L * DH + offs_l[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
             vl = tl.load(VL + bh * L * DH + offs_l[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
-            scores, vis, rb, band = landmark_tile(qs, kl, RL + h * ND * DH, offs_i, offs_l, i0, l0, M, N, L, ND,
-                                                  C, R, BN, NDL, DH, PREC)
+            scores, vis, rb, band = landmark_tile(qs, kl, RL + h * ND * DH, offs_i, offs_l, i0, l0, l_end, M, N,
+                                                  ND, C, R, LSTEP, NDL, DH, PREC)
             p, ds = _probs_and_dscores(scores, vis, lse, delta, do, vl, PREC)
             dq += tl.dot(ds.to(dt), kl, input_precision=PREC)
             dsb = landmark_band_grad(ds, offs_i, band, l0, M, C, R, BM, BN, NDL).to(dt)
@@ -122,7 +124,8 @@ def _dq_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, QR, DO, LSE, DELTA, DQ, DU, DV, 
 @triton.jit
 def _dkdv_window_kernel(Q, KW, VW, U, V, RW, QR, DO, LSE, DELTA, DKW, DVW, scale, H, N, P, W, C, R,
                         DH: tl.constexpr, POS_TABLE: tl.constexpr, PREC: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr):
+                        BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr,
+                        LSTEP: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     h = bh % H
@@ -159,15 +162,17 @@ def _dkdv_window_kernel(Q, KW, VW, U, V, RW, QR, DO, LSE, DELTA, DKW, DVW, scale
 @triton.jit
 def _dkdv_landmark_kernel(Q, KL, VL, U, V, RL, DO, LSE, DELTA, DKL, DVL, scale, H, N, M, L, ND, C, R,
                           DH: tl.constexpr, PREC: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr):
+                          BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr,
+                        LSTEP: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     h = bh % H
-    l0 = pid_n * BN
+    l0 = pid_n * LSTEP  # this program owns landmarks [l0, l0 + LSTEP): see landmark_tile
+    l_end = tl.minimum(l0 + LSTEP, L)
     offs_l = l0 + tl.arange(0, BN)
     offs_d = tl.arange(0, DH)
     ptrs = bh * L * DH + offs_l[:, None] * DH + offs_d[None, :]
-    kv_mask = (offs_l < L)[:, None]
+    kv_mask = (offs_l < l_end)[:, None]  # also keeps the stores off the next program's landmarks
     kl = tl.load(KL + ptrs, mask=kv_mask, other=0.0)
     vl = tl.load(VL + ptrs, mask=kv_mask, other=0.0)
     dkl = tl.zeros((BN, DH), dtype=tl.float32)
@@ -177,8 +182,8 @@ def _dkdv_landmark_kernel(Q, KL, VL, U, V, RL, DO, LSE, DELTA, DKL, DVL, scale, 
     for i0 in range(i_lo, N, BM):
         offs_i = i0 + tl.arange(0, BM)
         qs, _qu, _qv, do, lse, delta = _load_query_side(Q, U, V, DO, LSE, DELTA, bh, h, offs_i, N, scale, DH)
-        scores, vis, _rb, _band = landmark_tile(qs, kl, RL + h * ND * DH, offs_i, offs_l, i0, l0, M, N, L, ND,
-                                                C, R, BN, NDL, DH, PREC)
+        scores, vis, _rb, _band = landmark_tile(qs, kl, RL + h * ND * DH, offs_i, offs_l, i0, l0, l_end, M, N,
+                                                ND, C, R, LSTEP, NDL, DH, PREC)
         p, ds = _probs_and_dscores(scores, vis, lse, delta, do, vl, PREC)
         dvl += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dkl += tl.dot(tl.trans(ds.to(qs.dtype)), qs, input_precision=PREC)
@@ -224,7 +229,7 @@ def long_short_backward(do, q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out,
         dv += dqv.float().sum((0, 2))
         drw += torch.matmul(dqr.transpose(2, 3), scaled_q_plus_v(q, v, scale)).float().sum(0)
     if L:
-        _dkdv_landmark_kernel[lambda m: (triton.cdiv(L, m["BN"]), B * H)](
+        _dkdv_landmark_kernel[lambda m: (triton.cdiv(L, m["LSTEP"]), B * H)](
             q, k_lm, v_lm, u, v, r_lm, do, lse, delta, dkl, dvl, scale, H, N, mem_len, L, ND, chunk, chunk_rank,
             DH=dh, PREC=prec)
     return dq, dkw, dvw, dkl, dvl, du, dv, drw, drl

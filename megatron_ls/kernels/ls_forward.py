@@ -35,7 +35,7 @@ def _softmax_step(scores, vis, m_i, l_i, acc, v, PREC: tl.constexpr):
 def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, QR, OUT, LSE, scale,
                 H, N, P, M, L, ND, W, C, R,
                 DH: tl.constexpr, HAS_LM: tl.constexpr, POS_TABLE: tl.constexpr, PREC: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr, LSTEP: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     h = bh % H
@@ -56,13 +56,14 @@ def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, QR, OUT, LSE, scale,
         n_vis = (M + i_last) // C * R  # landmarks of the chunks before the last query's chunk
         kl_base = KL + bh * L * DH
         vl_base = VL + bh * L * DH
-        for l0 in range(0, n_vis, BN):
+        for l0 in range(0, n_vis, LSTEP):
             offs_l = l0 + offs_n
-            kv_mask = (offs_l < L)[:, None]
+            l_end = tl.minimum(l0 + LSTEP, L)
+            kv_mask = (offs_l < l_end)[:, None]
             kl = tl.load(kl_base + offs_l[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
             vl = tl.load(vl_base + offs_l[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
-            scores, vis, _rb, _band = landmark_tile(qs, kl, RL + h * ND * DH, offs_i, offs_l, i0, l0, M, N, L, ND,
-                                                    C, R, BN, NDL, DH, PREC)
+            scores, vis, _rb, _band = landmark_tile(qs, kl, RL + h * ND * DH, offs_i, offs_l, i0, l0, l_end, M, N,
+                                                    ND, C, R, LSTEP, NDL, DH, PREC)
             m_i, l_i, acc = _softmax_step(scores, vis, m_i, l_i, acc, vl, PREC)
 
     S = P + N

@@ -57,19 +57,24 @@ def window_tile_table(qu, kw, qr_ptr, offs_i, offs_s, P, N, W, PREC: tl.constexp
 
 
 @triton.jit
-def landmark_tile(qs, kl, rl_ptr, offs_i, offs_l, i0, l0, M, N, L, ND, C, R,
-                  BN: tl.constexpr, NDL: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
-    """Scores q.k_l + q.R_c(min(d, ND-1)), d = chunk(i) - 1 - chunk(l), and chunk-causal visibility."""
+def landmark_tile(qs, kl, rl_ptr, offs_i, offs_l, i0, l0, l_end, M, N, ND, C, R,
+                  LSTEP: tl.constexpr, NDL: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
+    """Scores q.k_l + q.R_c(min(d, ND-1)), d = chunk(i) - 1 - chunk(l), and chunk-causal visibility.
+
+    The tile's block holds BN landmark rows but owns only [l0, l_end), l_end <= l0 + LSTEP: LSTEP is chosen
+    (triton_setup) so that the distances of the owned landmarks fit a band of NDL rows, about BN / r instead
+    of twice that. The rows past l_end are invisible and their band index is clamped."""
     offs_d = tl.arange(0, DH)
     qc = (M + offs_i) // C
     dist = qc[:, None] - 1 - (offs_l // R)[None, :]
-    dlo = (M + i0) // C - 1 - (l0 + BN - 1) // R
+    dlo = (M + i0) // C - 1 - (l0 + LSTEP - 1) // R
     band = dlo + tl.arange(0, NDL)
     rows = tl.minimum(tl.maximum(band, 0), ND - 1)  # the clamp of far distances, as in the reference
     rb = tl.load(rl_ptr + rows[:, None] * DH + offs_d[None, :])
-    pos = tl.gather(tl.dot(qs, tl.trans(rb), input_precision=PREC), dist - dlo, 1)
+    idx = tl.minimum(tl.maximum(dist - dlo, 0), NDL - 1)
+    pos = tl.gather(tl.dot(qs, tl.trans(rb), input_precision=PREC), idx, 1)
     scores = tl.dot(qs, tl.trans(kl), input_precision=PREC) + pos
-    vis = (dist >= 0) & (offs_l < L)[None, :] & (offs_i < N)[:, None]
+    vis = (dist >= 0) & (offs_l < l_end)[None, :] & (offs_i < N)[:, None]
     return scores, vis, rb, band
 
 

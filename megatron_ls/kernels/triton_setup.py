@@ -41,11 +41,26 @@ def _ndw(args: dict) -> int:
 
 
 def _ndl(args: dict) -> int:
-    # At least 16: the band is a tl.dot operand (dq: dS_band @ R_band), and the GPU's dot needs K >= 16.
-    return max(16, triton.next_power_of_2((args["BM"] - 1) // args["C"] + (args["BN"] - 1) // args["R"] + 3))
+    """Landmark band rows: a power of two >= 16 (the band is a tl.dot operand, and the GPU's dot needs K >= 16)
+    holding the distances of BN / r chunks; doubled until a tile can own at least half its block."""
+    ndl = max(16, triton.next_power_of_2(triton.cdiv(args["BN"], args["R"])))
+    while _owned(args, ndl) < max(1, args["BN"] // 2):
+        ndl *= 2
+    return ndl
 
 
-# Distances one (BM x BN) tile spans, padded to a power of two (constexpr for tl.arange). Window:
-# P + i - s takes BM + BN - 1 values. Landmarks: chunk(i) - 1 - chunk(l) takes at most
-# (BM-1)//c + (BN-1)//r + 2 values (+1 when a block is not chunk-aligned).
-BAND_SIZES = {"NDW": _ndw, "NDL": _ndl}
+def _owned(args: dict, ndl: int) -> int:
+    # The distances chunk(i) - 1 - chunk(l) of BM queries and k landmarks take at most (BM-1)//c + (k-1)//r + 3
+    # values (neither block need be chunk-aligned), so k = r (ndl - (BM-1)//c - 3) landmarks fit ndl rows.
+    return min(args["BN"], args["R"] * (ndl - (args["BM"] - 1) // args["C"] - 3))
+
+
+def _lstep(args: dict) -> int:
+    return _owned(args, args["NDL"])
+
+
+# Constexprs derived from the tile (Triton applies them in this order). NDW: the window distances of a tile,
+# P + i - s over BM x BN, take BM + BN - 1 values, padded to a power of two (for tl.arange). NDL and LSTEP:
+# each landmark tile loads a block of BN landmarks but owns only the first LSTEP of them, so that their
+# distances fit NDL ~ BN / r rows: padding the band to twice its width would double its tl.dot.
+BAND_SIZES = {"NDW": _ndw, "NDL": _ndl, "LSTEP": _lstep}
