@@ -41,7 +41,7 @@ class Geometry:
 # A long chunk with few landmarks (c 128, r 8) makes the landmark distance band of a tile narrow.
 GEOMETRIES = [Geometry(64, 16, 1, True), Geometry(64, 16, 4, True), Geometry(32, 8, 2, True),
               Geometry(64, 128, 8, True), Geometry(64, 16, 1, False)]
-INT_ARGS = ("H", "N", "P", "M", "L", "ND", "W", "C", "R", "numel", "n_cols")
+INT_ARGS = ("H", "N", "P", "M", "L", "ND", "W", "C", "R", "n_cols")
 
 
 def _signature(kernel, dtype: str, constants: dict) -> dict[str, str]:

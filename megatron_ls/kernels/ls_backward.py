@@ -19,6 +19,7 @@ from megatron_ls.kernels.ls_tiles import (
     landmark_band_grad,
     landmark_tile,
     load_queries,
+    query_block,
     window_band_grad,
     window_tile,
     window_tile_table,
@@ -54,13 +55,7 @@ def _dq_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, QR, DO, LSE, DELTA, DQ, DU, DV, 
                DH: tl.constexpr, HAS_LM: tl.constexpr, POS_TABLE: tl.constexpr, PREC: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr,
                LSTEP: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    h = bh % H
-    i0 = pid_m * BM
-    offs_i = i0 + tl.arange(0, BM)
-    offs_d = tl.arange(0, DH)
-    offs_n = tl.arange(0, BN)
+    bh, h, i0, offs_i, offs_d, offs_n = query_block(H, BM, BN, DH)
     qs, qu, qv, do, lse, delta = _load_query_side(Q, U, V, DO, LSE, DELTA, bh, h, offs_i, N, scale, DH)
     dt = qs.dtype
     # One accumulator for the scaled query's gradient; u and v only need its column sums over the
@@ -212,7 +207,8 @@ def long_short_backward(do, q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out,
     drw, drl = torch.zeros((H, window, dh), **f32), torch.zeros((H, ND, dh), **f32)
     # Pairs (i, d) with no key (i + P - d < 0) are never written: the table's gradient starts at zero.
     if pos_table:
-        qr, dqr = window_pos_table(q, v, r_win, scale), torch.zeros((B, H, N, window), device=q.device, dtype=q.dtype)
+        qv = scaled_q_plus_v(q, v, scale)
+        qr, dqr = window_pos_table(qv, r_win), torch.zeros((B, H, N, window), device=q.device, dtype=q.dtype)
     else:
         qr = dqr = q.new_empty(0)  # placeholders the kernels never touch
 
@@ -227,7 +223,7 @@ def long_short_backward(do, q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out,
         dqv = torch.matmul(dqr, r_win.unsqueeze(0))  # d/d(q * scale + v): (B, H, N, dh)
         dq = (dq.float() + dqv.float() * scale).to(dq.dtype)
         dv += dqv.float().sum((0, 2))
-        drw += torch.matmul(dqr.transpose(2, 3), scaled_q_plus_v(q, v, scale)).float().sum(0)
+        drw += torch.matmul(dqr.transpose(2, 3), qv).float().sum(0)
     if L:
         _dkdv_landmark_kernel[lambda m: (triton.cdiv(L, m["LSTEP"]), B * H)](
             q, k_lm, v_lm, u, v, r_lm, do, lse, delta, dkl, dvl, scale, H, N, mem_len, L, ND, chunk, chunk_rank,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_ls.kernels.ls_tiles import landmark_tile, load_queries, window_tile, window_tile_table
+from megatron_ls.kernels.ls_tiles import landmark_tile, load_queries, query_block, window_tile, window_tile_table
 from megatron_ls.kernels.triton_setup import BAND_SIZES, configs
 
 LOG2E = 1.4426950408889634
@@ -36,13 +36,7 @@ def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, QR, OUT, LSE, scale,
                 H, N, P, M, L, ND, W, C, R,
                 DH: tl.constexpr, HAS_LM: tl.constexpr, POS_TABLE: tl.constexpr, PREC: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr, LSTEP: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    h = bh % H
-    i0 = pid_m * BM
-    offs_i = i0 + tl.arange(0, BM)
-    offs_d = tl.arange(0, DH)
-    offs_n = tl.arange(0, BN)
+    bh, h, i0, offs_i, offs_d, offs_n = query_block(H, BM, BN, DH)
     row_ok = offs_i < N
 
     qs, qu, qv = load_queries(Q, U, V, bh, h, offs_i, N, scale, DH)
@@ -100,10 +94,10 @@ def scaled_q_plus_v(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Ten
     return (q.float() * scale + v.float()[None, :, None, :]).to(q.dtype)
 
 
-def window_pos_table(q: torch.Tensor, v: torch.Tensor, r_win: torch.Tensor, scale: float) -> torch.Tensor:
-    """QR[b, h, i, d] = (q_i * scale + v_h) . R_w[h, d]: the window position term as one batched GEMM,
-    (B, H, N, w) in q's dtype."""
-    return torch.matmul(scaled_q_plus_v(q, v, scale), r_win.transpose(1, 2).unsqueeze(0))
+def window_pos_table(qv: torch.Tensor, r_win: torch.Tensor) -> torch.Tensor:
+    """QR[b, h, i, d] = qv[b, h, i] . R_w[h, d] with qv = scaled_q_plus_v(): the window position term as one
+    batched GEMM, (B, H, N, w) in qv's dtype."""
+    return torch.matmul(qv, r_win.transpose(1, 2).unsqueeze(0))
 
 
 def long_short_forward(q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, *, window: int, chunk: int,
@@ -117,7 +111,8 @@ def long_short_forward(q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, *, window
     L = k_lm.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    qr = window_pos_table(q, v, r_win, scale) if pos_table else q.new_empty(0)  # a placeholder, never read
+    # The window position table, or a placeholder the kernel never reads.
+    qr = window_pos_table(scaled_q_plus_v(q, v, scale), r_win) if pos_table else q.new_empty(0)
     grid = lambda meta: (triton.cdiv(N, meta["BM"]), B * H)  # noqa: E731
     _fwd_kernel[grid](q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, qr, out, lse, scale,
                       H, N, P, mem_len, L, r_lm.shape[1], window, chunk, chunk_rank,

@@ -18,6 +18,15 @@ import triton.language as tl
 
 
 @triton.jit
+def query_block(H, BM: tl.constexpr, BN: tl.constexpr, DH: tl.constexpr):
+    """This program's coordinates (grid: query blocks x batch*heads): batch*head (int64), head, first query,
+    the block's query rows, the head-dim offsets and the offsets of one key block."""
+    bh = tl.program_id(1).to(tl.int64)
+    i0 = tl.program_id(0) * BM
+    return bh, bh % H, i0, i0 + tl.arange(0, BM), tl.arange(0, DH), tl.arange(0, BN)
+
+
+@triton.jit
 def load_queries(Q, U, V, bh, h, offs_i, N, scale, DH: tl.constexpr):
     """One query block, scaled, plain and with the biases u and v added (fp32 sums, input dtype out)."""
     offs_d = tl.arange(0, DH)

@@ -15,7 +15,8 @@ from megatron_ls.kernels.availability import interpreting
 
 # (BM, BN, num_warps, num_stages) per kernel. Chosen with `python -m megatron_ls.kernels.aot_check` (sm_90, bf16,
 # dh 64): the position band of a tile (BM + BN distances) is a second score tile, so the FlashAttention-2 default
-# of 64 x 64 with 4 warps spills (136 B/thread forward, 2.6 KB in dq). These candidates spill at most 104 B.
+# of 64 x 64 with 4 warps spills (136 B/thread forward, 2.6 KB in dq). These candidates spill at most 144 B
+# (dq 32 x 64), most of them not at all (BENCHMARKS.md).
 _TILES = {
     "fwd": [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 3), (16, 64, 4, 2)],
     "dq": [(32, 32, 8, 2), (16, 32, 4, 3), (32, 32, 4, 3), (32, 64, 8, 2)],
