@@ -31,7 +31,7 @@ def reference(data, tmp_path_factory) -> str:
 
 
 def _losses_and_evals(save: str) -> list[tuple]:
-    return [(r["iteration"], r.get("lm_loss"), r.get("valid_loss")) for r in metrics(save)]
+    return [(r["iteration"], r.get("lm_loss"), r.get("lr"), r.get("valid_loss")) for r in metrics(save)]
 
 
 @pytest.mark.timeout(300)
@@ -49,6 +49,9 @@ def test_exact_resume_is_bitwise(data, reference, tmp_path):
     assert _losses_and_evals(save) == ref  # floats from JSON: bitwise equality of every loss
     losses = [loss for _, loss in train_losses(reference)]
     assert losses[-1] < losses[0]
+    # --lr 3e-3 warmed up over 2 updates: the first update already moves (no update at lr 0).
+    lrs = [r["lr"] for r in metrics(reference) if "lm_loss" in r]
+    assert lrs == pytest.approx([1.5e-3] + [3e-3] * (ITERS - 1))
 
 
 @pytest.mark.timeout(300)

@@ -17,7 +17,7 @@ from megatron_ls.training.arguments import finalize_args, parse_args
 from megatron_ls.training.ds_config import build_ds_config
 from megatron_ls.training.errors import CheckpointError, ConfigError
 from megatron_ls.training.logging import TrainingLogger, truncate_metrics
-from megatron_ls.training.schedules import scheduler_config
+from megatron_ls.training.schedules import scheduler_config, start_at_first_update
 from megatron_ls.training.signals import StopSignals
 
 BASE = ["--data-path", "d/p", "--seq-length", "64", "--train-iters", "10", "--num-layers", "2", "--hidden-size",
@@ -157,6 +157,7 @@ def _lrs(style, lr, min_lr, warmup, total):
     opt = torch.optim.SGD([p], lr=lr)
     spec = scheduler_config(style, lr, min_lr, warmup, total)
     sched = getattr(lr_schedules, spec["type"])(opt, **spec["params"])
+    start_at_first_update(sched)
     out = []
     for _ in range(total):
         out.append(opt.param_groups[0]["lr"])
@@ -166,13 +167,17 @@ def _lrs(style, lr, min_lr, warmup, total):
 
 
 def test_schedules():
+    # Update k of W warm-up updates runs at lr * k / W: none at lr 0, full lr at update W.
     c = _lrs("constant", 1e-3, 0.0, 10, 30)
-    assert c[0] == 0.0 and c[5] < c[9] < 1e-3 and all(x == 1e-3 for x in c[12:])
+    assert c[:10] == pytest.approx([1e-3 * k / 10 for k in range(1, 11)]) and all(x == 1e-3 for x in c[10:])
     assert all(x == 1e-3 for x in _lrs("constant", 1e-3, 0.0, 0, 10))
+    assert all(x == 1e-3 for x in _lrs("constant", 1e-3, 0.0, 1, 10))
     lin = _lrs("linear", 1e-3, 1e-4, 5, 50)
-    assert max(lin) == pytest.approx(1e-3) and 1e-4 <= lin[-1] < 1.5e-4 and lin[20] > lin[40]
+    assert lin[0] == pytest.approx(1e-4 + 9e-4 / 5) and lin[4] == pytest.approx(1e-3)
+    assert lin[-1] == pytest.approx(1e-4) and lin[20] > lin[40]
     cos = _lrs("cosine", 1e-3, 1e-4, 5, 50)
-    assert max(cos) == pytest.approx(1e-3, rel=0.01) and cos[-1] == pytest.approx(1e-4, rel=0.05) and cos[20] > cos[40]
+    assert cos[0] == pytest.approx(2e-4) and max(cos) == pytest.approx(1e-3, rel=0.01)
+    assert cos[-1] == pytest.approx(1e-4) and cos[20] > cos[40]
 
 
 # ---- logging --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from megatron_ls.parallel.checkpointing import configure_activation_checkpointin
 from megatron_ls.parallel.mpu import ParallelConfigError
 from megatron_ls.parallel.random import model_parallel_seed
 from megatron_ls.training.distributed import Layout, validate_layout
+from megatron_ls.training.schedules import start_at_first_update
 
 TRAIN, EVAL = "train", "eval"
 Memory = list[torch.Tensor]
@@ -400,4 +401,5 @@ def build_engine(config: TransformerLSConfig, ds_config: dict[str, Any], layout:
     model.to(layout.device)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model), config=ds_config,
                                               mpu=mpu_arg)
+    start_at_first_update(ds_engine.lr_scheduler)
     return TrainEngine(ds_engine, config, layout, micro, gas)

@@ -4,8 +4,10 @@
   constant -> WarmupLR       0 -> lr, then lr (the paper's schedule)
   linear   -> WarmupDecayLR  min_lr -> lr, then linearly down to min_lr at --train-iters
   cosine   -> WarmupCosineLR 0 -> lr, then a half cosine down to min_lr at --train-iters
-DeepSpeed warms up over at least 2 steps; with --lr-warmup-iters 0 the constant and cosine
-schedules start at lr directly (the warm-up start is set to lr).
+DeepSpeed's warm-up schedulers apply their step-0 rate to the first two updates (the constructor and the first
+step() both leave the iteration at 0): start_at_first_update() moves them on, so update k of W warm-up updates
+runs at lr * k / W (nanoGPT's ramp; no update at lr 0) and a decay is at min_lr by update --train-iters.
+With --lr-warmup-iters 0 or 1 the constant and cosine schedules start at lr (the warm-up start is set to lr).
 """
 
 from __future__ import annotations
@@ -18,17 +20,28 @@ SCHEDULER_TYPES = {"constant": "WarmupLR", "linear": "WarmupDecayLR", "cosine": 
 _STYLE_OF = {v: k for k, v in SCHEDULER_TYPES.items()}
 
 
+def start_at_first_update(scheduler: Any) -> None:
+    """Step a fresh DeepSpeed warm-up scheduler to iteration 1, the rate of the first update.
+
+    Any other scheduler (OneCycle, a user's own, none) is left alone. A resumed run then loads the saved
+    iteration over this one, so resuming does not shift the schedule.
+    """
+    if type(scheduler).__name__ in _STYLE_OF and getattr(scheduler, "last_batch_iteration", None) == -1:
+        scheduler.step(1)
+
+
 def scheduler_config(style: str, lr: float, min_lr: float, warmup: int, total: int) -> dict[str, Any]:
     """DeepSpeed's "scheduler" entry for a decay style."""
-    steps = max(1, warmup)  # DeepSpeed requires a positive count
+    steps = max(1, warmup)  # DeepSpeed requires a positive count (and warms up over at least 2)
+    # With our start at iteration 1, one warm-up update would already run at lr: start there.
     if style == "constant":
-        params = {"warmup_min_lr": 0.0 if warmup > 0 else lr, "warmup_max_lr": lr, "warmup_num_steps": steps,
+        params = {"warmup_min_lr": 0.0 if warmup > 1 else lr, "warmup_max_lr": lr, "warmup_num_steps": steps,
                   "warmup_type": "linear"}
     elif style == "linear":
         params = {"warmup_min_lr": min_lr, "warmup_max_lr": lr, "warmup_num_steps": steps,
                   "total_num_steps": total, "warmup_type": "linear"}
     elif style == "cosine":
-        params = {"warmup_min_ratio": 0.0 if warmup > 0 else 1.0, "cos_min_ratio": min_lr / lr,
+        params = {"warmup_min_ratio": 0.0 if warmup > 1 else 1.0, "cos_min_ratio": min_lr / lr,
                   "warmup_num_steps": steps, "total_num_steps": total, "warmup_type": "linear"}
     else:
         raise ConfigError(f"--lr-decay-style must be constant, linear or cosine, got {style!r}")
