@@ -100,18 +100,15 @@ def train_and_save(rank: int, world: int, out: str, tp: int, pp: int, zero: int)
 
 def load_converted(rank: int, world: int, out: str) -> None:
     """The engine of a TP=1 run loads the converted layout as --finetune does; record its logits."""
-    from megatron_ls.training import checkpointing as ckpt
     from megatron_ls.training.distributed import init_distributed
     from megatron_ls.training.engine import build_engine
+    from megatron_ls.training.finetune import read_source
 
     config = tiny_config()
     layout = init_distributed(1, 1, config)
-    engine = build_engine(config, _ds_config(0, 1), layout, seed=99)  # other seed: the weights must come from disk
-    path, info = ckpt.locate_checkpoint(os.path.join(out, "back"))
-    ckpt.check_compatible(info, config.to_dict(), {"tensor_model_parallel_size": 1,
-                                                   "pipeline_model_parallel_size": 1, "world_size": 1},
-                          True, path)
-    ckpt.load_engine_state(engine, path, finetune=True)
+    source = read_source(os.path.join(out, "back"), config, {"world_size": 1})
+    # Another seed: the weights must come from disk.
+    engine = build_engine(config, _ds_config(0, 1), layout, seed=99, initial_weights=source.weights)
     torch.save(_record_logits(engine, stream(), layout), os.path.join(out, "logits_back.pt"))
 
 

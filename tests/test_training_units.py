@@ -334,6 +334,10 @@ def test_compatibility_checks():
                               dict(run, seq_length=128), False, "p")
     ckpt.check_compatible(info, {"hidden_size": 64, "num_layers": 2, "mem_length": 128},
                           dict(run, seq_length=128, world_size=1), True, "p")
+    other_tp = dict(run, tensor_model_parallel_size=2)
+    with pytest.raises(CheckpointError, match="exact resume needs the same layout; use --finetune"):
+        ckpt.check_compatible(info, {"hidden_size": 64, "num_layers": 2, "mem_length": 64}, other_tp, False, "p")
+    ckpt.check_compatible(info, {"hidden_size": 64, "num_layers": 2, "mem_length": 64}, other_tp, True, "p")
 
 
 # ---- signals --------------------------------------------------------------------------------

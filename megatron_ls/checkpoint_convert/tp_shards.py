@@ -59,17 +59,22 @@ def merge_tp(shards: list[dict[str, torch.Tensor]], config: TransformerLSConfig)
 
 def split_tp(full: dict[str, torch.Tensor], config: TransformerLSConfig, tp: int) -> list[dict[str, torch.Tensor]]:
     """The state dicts of TP ranks 0..tp-1 from TP=1 weights."""
+    return [tp_shard(full, config, tp, rank) for rank in range(tp)]
+
+
+def tp_shard(full: dict[str, torch.Tensor], config: TransformerLSConfig, tp: int,
+             rank: int) -> dict[str, torch.Tensor]:
+    """The state dict of TP rank `rank` of `tp` from TP=1 weights (only that rank's pieces are copied)."""
     if config.num_attention_heads % tp or config.ffn_hidden_size % tp:
         raise InferenceError(f"--target-tp {tp} must divide num_attention_heads ({config.num_attention_heads}) and "
                              f"ffn_hidden_size ({config.ffn_hidden_size})")
     dims = partition_dims(config)
     padded = config.padded_vocab_size(tp)
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    shard: dict[str, torch.Tensor] = {}
     for name, tensor in full.items():
         if name in VOCAB_TABLES and padded > tensor.shape[0]:
             tensor = torch.cat([tensor, tensor.new_zeros(padded - tensor.shape[0], *tensor.shape[1:])])
         dim = dims[name]
-        pieces = [tensor] * tp if dim is None or tp == 1 else tensor.chunk(tp, dim=dim)
-        for rank in range(tp):
-            shards[rank][name] = pieces[rank].clone().contiguous()
-    return shards
+        piece = tensor if dim is None or tp == 1 else tensor.chunk(tp, dim=dim)[rank]
+        shard[name] = piece.clone().contiguous()
+    return shard

@@ -1,8 +1,8 @@
 """Write TP=1 weights as a training checkpoint of another TP x PP layout (weights only).
 
-The files are the ones DeepSpeed itself writes for that layout, so the training engine's
-load_checkpoint(load_module_only=True) reads them (`pretrain_char_lm.py --load DIR --finetune` with the
-new --tensor-model-parallel-size / --pipeline-model-parallel-size, any data-parallel size, ZeRO 0-2):
+The files are the ones DeepSpeed itself writes for that layout, so DeepSpeed's
+load_checkpoint(load_module_only=True) reads them (ZeRO 0-2, any data-parallel size). `pretrain_char_lm.py
+--finetune` does not need this step: it reads the weights of any layout, and of a consolidated folder:
 - pp = 1: mp_rank_XX_model_states.pt per TP rank, the weights under "module";
 - pp > 1: layer_II-model_XX-model_states.pt per pipeline layer and TP rank, plus one weight-less
   mp_rank_XX_model_states.pt per (stage, TP rank), which DeepSpeed's pipeline engine opens first.

@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, help="save every N iterations (always at the end and on SIGTERM)")
     g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints (default: all)")
     g.add_argument("--finetune", action="store_true",
-                   help="load weights only from --load: fresh optimizer, schedule, iteration, data and memory")
+                   help="start from the weights of --load (a training checkpoint of any TP x PP x ZeRO layout, or a "
+                        "consolidated folder): fresh optimizer, schedule, iteration, data and memory")
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000, help="0 = only at the end")

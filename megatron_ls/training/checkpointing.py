@@ -336,13 +336,14 @@ def check_compatible(info: dict[str, Any], model: dict[str, Any], run: dict[str,
     for k in ARCH_FIELDS:
         if k in saved_model and saved_model[k] != model.get(k):
             raise CheckpointError(f"checkpoint {path} has {k} = {saved_model[k]}, this run has {model.get(k)}")
+    if finetune:
+        return  # --finetune reads the weights into any layout (training/finetune.py)
     layout = info.get("layout", {})
     for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         if k in layout and layout[k] != run[k]:
             raise CheckpointError(f"checkpoint {path} was saved with --{k.replace('_', '-')} {layout[k]}, "
-                                  f"this run has {run[k]} (convert it with tools/convert_checkpoint.py)")
-    if finetune:
-        return
+                                  f"this run has {run[k]}: an exact resume needs the same layout; use --finetune "
+                                  "to start a new phase from its weights")
     if info.get("world_size") != run["world_size"]:
         raise CheckpointError(f"checkpoint {path} was saved by {info.get('world_size')} processes, this run has "
                               f"{run['world_size']}: resume with the same layout, or start a phase with --finetune")

@@ -25,7 +25,9 @@ from megatron_ls.parallel import mpu
 from megatron_ls.parallel.checkpointing import configure_activation_checkpointing
 from megatron_ls.parallel.mpu import ParallelConfigError
 from megatron_ls.parallel.random import model_parallel_seed
+from megatron_ls.training.checkpointing import agree_on_checkpoint
 from megatron_ls.training.distributed import Layout, validate_layout
+from megatron_ls.training.finetune import copy_weights
 from megatron_ls.training.schedules import start_at_first_update
 
 TRAIN, EVAL = "train", "eval"
@@ -378,8 +380,12 @@ class TrainEngine:
 
 
 def build_engine(config: TransformerLSConfig, ds_config: dict[str, Any], layout: Layout, seed: int,
-                 checkpoint_activations: bool = False) -> TrainEngine:
-    """Seed, build the model for the layout (TransformerLSLM, or its PipelineModule with pp > 1), start DeepSpeed."""
+                 checkpoint_activations: bool = False,
+                 initial_weights: dict[str, torch.Tensor] | None = None) -> TrainEngine:
+    """Seed, build the model for the layout (TransformerLSLM, or its PipelineModule with pp > 1), start DeepSpeed.
+
+    `initial_weights` (TP=1 TransformerLSLM names, from training/finetune.py) replace the random initialisation.
+    """
     validate_layout(layout.world_size, layout.tp, layout.pp, config)
     micro, gas = check_ds_config(ds_config, layout)
     ds_config = dict(ds_config)
@@ -398,6 +404,9 @@ def build_engine(config: TransformerLSConfig, ds_config: dict[str, Any], layout:
         model = TransformerLSLM(config)
         model.checkpoint_activations = checkpoint_activations
         mpu_arg = mpu
+    if initial_weights is not None:  # --finetune: before DeepSpeed partitions (ZeRO-3) or copies (fp32 masters) them
+        agree_on_checkpoint(lambda: copy_weights(model, initial_weights, config, layout.tp, layout.tp_rank,
+                                                 layout.pp > 1), "copying the --finetune weights")
     model.to(layout.device)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model), config=ds_config,
                                               mpu=mpu_arg)

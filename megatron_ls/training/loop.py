@@ -22,6 +22,7 @@ from .collectives import agree, barrier, shutdown
 from .ds_config import build_ds_config, write_ds_config
 from .errors import ConfigError, TrainingError
 from .evaluation import evaluate
+from .finetune import read_source
 from .logging import TrainingLogger, error_line, print_rank0
 from .memory_check import check_memory
 from .signals import StopSignals
@@ -145,23 +146,26 @@ def train(argv: list[str] | None = None) -> int:
     from .engine import build_engine
 
     train_data = _lanes(train_tokens, args, layout.dp_rank, layout.dp, "train")
-    engine = build_engine(config, ds_config, layout, seed=args.seed,
-                          checkpoint_activations=args.checkpoint_activations)
     run_info = _run_info(args, config)
+    run = run_info["run"] | run_info["layout"] | {"world_size": world}
+    resume = _should_resume(args)
+    source = read_source(args.load, config, run) if resume and args.finetune else None
+    engine = build_engine(config, ds_config, layout, seed=args.seed,
+                          checkpoint_activations=args.checkpoint_activations,
+                          initial_weights=source.weights if source else None)
 
     iteration = 0
-    if _should_resume(args):
-        path, info = ckpt.locate_checkpoint(args.load, weights_only=args.finetune)
-        ckpt.check_compatible(info, config.to_dict(), run_info["run"] | run_info["layout"] | {"world_size": world},
-                              args.finetune, path)
-        ckpt.load_engine_state(engine, path, finetune=args.finetune)
-        if args.finetune:
-            print_rank0(f"loaded the weights of {path} (--finetune: fresh optimizer, schedule, data and memory)")
-        else:
-            ckpt.agree_on_checkpoint(lambda: _restore_local_state(path, train_data, engine),
-                                     "restoring the run state")
-            iteration = int(info["iteration"])
-            print_rank0(f"resumed from {path} at iteration {iteration}")
+    if source is not None:
+        if source.weights is None:  # another tool's DeepSpeed checkpoint: DeepSpeed reads its module weights
+            ckpt.load_engine_state(engine, source.path, finetune=True)
+        print_rank0(f"loaded the weights of {source.path} (--finetune: fresh optimizer, schedule, data and memory)")
+    elif resume:
+        path, info = ckpt.locate_checkpoint(args.load)
+        ckpt.check_compatible(info, config.to_dict(), run, False, path)
+        ckpt.load_engine_state(engine, path, finetune=False)
+        ckpt.agree_on_checkpoint(lambda: _restore_local_state(path, train_data, engine), "restoring the run state")
+        iteration = int(info["iteration"])
+        print_rank0(f"resumed from {path} at iteration {iteration}")
 
     if rank == 0 and args.save:
         os.makedirs(args.save, exist_ok=True)
