@@ -1,4 +1,4 @@
-"""Peak memory per GPU of a preset under every TP / PP / ZeRO / activation-checkpointing layout.
+"""Peak memory per GPU of a preset under every TP / PP / ZeRO / activation-recomputation layout.
 
     python bench/memory.py --preset enwik8-30l --seq-length 8192 --mem-length 8192     # the paper's phase 3
     python bench/memory.py --preset enwik8-12l --seq-length 2048 --gpus 4 --precision fp32 --impl blocked
@@ -44,9 +44,12 @@ def layouts(config: TransformerLSConfig, gpus: int, micro: int, global_batch: in
             if lanes % (micro * dp):
                 continue
             for zero in (0, 1) if pp > 1 else (0, 1, 2, 3):
-                for ckpt in (False, True):
+                # No recomputation, selective (the blocked core's scores only), full (every layer).
+                recompute = ("none", "selective", "full") if base["attention_impl"] == "blocked" else ("none", "full")
+                for mode in recompute:
                     out.append(TrainingLayout(micro_batch_size=micro, grad_accum_steps=lanes // (micro * dp), tp=tp,
-                                              pp=pp, dp=dp, zero_stage=zero, checkpoint_activations=ckpt, **base))
+                                              pp=pp, dp=dp, zero_stage=zero, checkpoint_activations=mode == "full",
+                                              recompute_attention=mode == "selective", **base))
     return out
 
 
@@ -134,8 +137,9 @@ def main() -> int:
     fitting = [r for r in rows if r["fits"]]
     choice = None
     if fitting:
-        # The simplest layout that fits: no model parallelism, the lowest ZeRO stage, checkpointing last resort.
-        choice = min(fitting, key=lambda r: (r["tp"] * r["pp"], r["checkpoint_activations"], r["zero_stage"]))
+        # The simplest layout that fits: no model parallelism, the lowest ZeRO stage, recomputation last resort.
+        choice = min(fitting, key=lambda r: (r["tp"] * r["pp"], r["checkpoint_activations"], r["recompute_attention"],
+                                             r["zero_stage"]))
         print(f"simplest layout that fits {a.device_gib:g} GiB: {choice['layout']} ({choice['total'] / GiB:.2f} GiB)")
     else:
         print(f"no layout fits {a.device_gib:g} GiB per GPU")

@@ -19,6 +19,7 @@ import torch
 
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM
+from megatron_ls.model.long_short_attention import set_selective_recompute
 from megatron_ls.training.memory_estimate import (
     GiB,
     TrainingLayout,
@@ -57,24 +58,29 @@ def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor, memory,
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("attention_type,precision,N,M,rank", [
-    ("long-short", "fp32", 256, 256, 1),
-    ("long-short", "fp32", 256, 0, 1),
-    ("long-short", "bf16", 128, 256, 2),
-    ("long-short", "fp32", 512, 128, 1),
-    ("window", "fp32", 256, 256, 1),
-    ("full", "fp32", 128, 128, 1),
+@pytest.mark.parametrize("attention_type,precision,N,M,rank,selective", [
+    ("long-short", "fp32", 256, 256, 1, False),
+    ("long-short", "fp32", 256, 0, 1, False),
+    ("long-short", "bf16", 128, 256, 2, False),
+    ("long-short", "fp32", 512, 128, 1, False),
+    ("window", "fp32", 256, 256, 1, False),
+    ("full", "fp32", 128, 128, 1, False),
+    ("long-short", "fp32", 512, 512, 1, True),
+    ("long-short", "bf16", 128, 256, 2, True),
+    ("window", "fp32", 256, 256, 1, True),
 ])
-def test_activations_match_saved_tensors(attention_type, precision, N, M, rank):
+def test_activations_match_saved_tensors(attention_type, precision, N, M, rank, selective):
     torch.manual_seed(0)
     cfg = _config(attention_type=attention_type, mem_length=M, chunk_rank=rank)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     model = TransformerLSLM(cfg).to(dtype).train()
+    set_selective_recompute(model, selective)
     B = 2
     tokens, labels = torch.randint(0, 256, (B, N)), torch.randint(0, 256, (B, N))
     memory = [torch.randn(B, M, cfg.hidden_size, dtype=dtype) for _ in range(cfg.num_layers)] if M else None
     measured = saved_activation_bytes(model, tokens, memory, labels)
-    est = estimate_memory(cfg, N, M, TrainingLayout(micro_batch_size=B, precision=precision, device="cpu"))
+    est = estimate_memory(cfg, N, M, TrainingLayout(micro_batch_size=B, precision=precision, device="cpu",
+                                                    recompute_attention=selective))
     assert abs(est.activations - measured) <= ACT_TOLERANCE * measured, (est.activations, measured, est.detail)
 
 

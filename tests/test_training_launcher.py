@@ -97,6 +97,21 @@ def test_torchrun_two_processes(data, tmp_path):
     assert "run_state_rank00000.pt" in files and "run_state_rank00001.pt" in files
 
 
+@pytest.mark.timeout(400)
+def test_selective_recompute_under_tensor_parallelism(data, tmp_path):
+    """TP = 2 with attention dropout: the rebuilt scores draw the same masks from the TP rank's RNG stream."""
+    losses = []
+    for extra in ([], ["--recompute-granularity", "selective"]):
+        save = str(tmp_path / f"ck{len(extra)}")
+        args = ["--data-path", data, *TINY, "--train-iters", "3", "--eval-iters", "0", "--tensor-model-parallel-size",
+                "2", "--attention-dropout", "0.1", "--save", save, *extra]
+        results = wait_all(spawn_ranks(args, world=2), timeout=240)
+        for rc, _, err in results:
+            assert rc == 0, err[-3000:]
+        losses.append(train_losses(save))
+    assert losses[0] == losses[1]  # bitwise
+
+
 def _popen_deepspeed(launcher_args: list[str], args: list[str]) -> subprocess.Popen:
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), *launcher_args, SCRIPT, *args]
     return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)

@@ -55,6 +55,20 @@ def test_exact_resume_is_bitwise(data, reference, tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_selective_recompute_changes_nothing_but_memory(data, tmp_path):
+    """Rebuilding the attention scores in the backward (attention dropout on) gives bitwise the same run."""
+    losses = []
+    for extra in ([], ["--recompute-granularity", "selective"]):
+        save = str(tmp_path / f"ck{len(extra)}")
+        r = run(["--data-path", data, *TINY, "--train-iters", "4", "--attention-dropout", "0.1", "--save", save,
+                 *extra])
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses.append(_losses_and_evals(save))
+    assert "recompute selective" in r.stdout
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.timeout(300)
 def test_sigkill_inside_save_resumes_from_last_complete(data, reference, tmp_path):
     save = str(tmp_path / "ck")
     crashed = run(["--data-path", data, *TINY, "--train-iters", str(ITERS), "--save", save, "--save-interval", "3"],

@@ -52,6 +52,7 @@ def test_preset_with_explicit_override():
     (BASE + ["--num-attention-heads", "3"], "must divide --hidden-size"),
     (BASE + ["--finetune"], "--finetune needs --load"),
     (BASE + ["--save-interval", "5"], "--save-interval needs --save"),
+    (BASE + ["--checkpoint-activations", "--recompute-granularity", "selective"], "contradict each other"),
 ])
 def test_bad_arguments(argv, match):
     with pytest.raises(ConfigError, match=match):

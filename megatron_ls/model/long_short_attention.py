@@ -75,6 +75,8 @@ class LongShortSelfAttention(nn.Module):
             self.ln_lm = TensorParallelLayerNorm(D, eps=config.layernorm_epsilon)
         self.dense = RowParallelLinear(D, D, init_method=output_init(config))
         self.dropout = nn.Dropout(config.dropout)
+        # Set by the training engine (--recompute-granularity selective): rebuild the core's scores in the backward.
+        self.recompute_core = False
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
@@ -118,6 +120,13 @@ class LongShortSelfAttention(nn.Module):
         with tensor_parallel_rng():  # probabilities are head-sharded: per-rank dropout stream
             out = long_short_attention(q, k_win, v_win, k_lm, v_lm, self.pos_bias_u, self.pos_bias_v, r_win, r_lm,
                                        window=w, chunk=c, chunk_rank=r, mem_len=M, dropout_p=p,
-                                       impl=impl or cfg.attention_impl)
+                                       impl=impl or cfg.attention_impl, recompute=self.recompute_core and self.training)
         out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)
         return self.dropout(self.dense(out))
+
+
+def set_selective_recompute(model: nn.Module, on: bool) -> None:
+    """Megatron's selective recomputation: every long-short core of `model` rebuilds its scores in the backward."""
+    for module in model.modules():
+        if isinstance(module, LongShortSelfAttention):
+            module.recompute_core = on

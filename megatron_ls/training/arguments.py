@@ -19,7 +19,8 @@ from .errors import ConfigError
 
 # Model flags: argparse dest -> TransformerLSConfig field (identical names).
 MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "attention_type",
-                "attention_impl", "window_size", "chunk_size", "chunk_rank", "mem_length", "dropout", "vocab_size")
+                "attention_impl", "window_size", "chunk_size", "chunk_rank", "mem_length", "dropout",
+                "attention_dropout", "vocab_size")
 
 # Defaults applied after preset / DeepSpeed JSON resolution (None-parsed flags only).
 RUN_DEFAULTS: dict[str, object] = {
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-rank", type=int, help=f"landmarks per chunk (r) {model_default('chunk_rank')}")
     g.add_argument("--mem-length", type=int, help=f"tokens of memory per layer {_default('--seq-length')}")
     g.add_argument("--dropout", type=float, help=model_default("dropout"))
+    g.add_argument("--attention-dropout", type=float,
+                   help=f"on the joint attention probabilities {model_default('attention_dropout')}")
     g.add_argument("--vocab-size", type=int, help="must match the shards' vocabulary (default: the shards')")
 
     g = p.add_argument_group("run")
@@ -133,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help=_default(RUN_DEFAULTS["zero_stage"]))
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute each layer in the backward (less memory, more compute)")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"),
+                   help="Megatron's names: full = --checkpoint-activations; selective = keep no attention scores "
+                        "for the backward, rebuild them there (the blocked core; the fused kernel never keeps "
+                        "them): the layer's memory drops from O(N (w + N/c)) to O(N D) for ~1.3x attention time")
     g.add_argument("--device-memory-gib", type=float,
                    help="memory per device for the start-up memory check (default: CUDA: the card's; CPU: "
                         "available RAM / local processes)")
@@ -223,6 +230,12 @@ def finalize_args(args: argparse.Namespace, world_size: int | None = None) -> ar
 
     _positive(args, "train_iters")
     _check_model(model, args.seq_length)
+    if args.recompute_granularity == "selective" and args.checkpoint_activations:
+        raise ConfigError("--recompute-granularity selective and --checkpoint-activations (full recomputation) "
+                          "contradict each other: pick one")
+    if args.recompute_granularity == "full":
+        args.checkpoint_activations = True
+    args.recompute_attention = args.recompute_granularity == "selective"
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1:

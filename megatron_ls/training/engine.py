@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM, pad_to_chunks
+from megatron_ls.model.long_short_attention import set_selective_recompute
 from megatron_ls.parallel import mpu
 from megatron_ls.parallel.checkpointing import configure_activation_checkpointing
 from megatron_ls.parallel.mpu import ParallelConfigError
@@ -380,11 +381,12 @@ class TrainEngine:
 
 
 def build_engine(config: TransformerLSConfig, ds_config: dict[str, Any], layout: Layout, seed: int,
-                 checkpoint_activations: bool = False,
+                 checkpoint_activations: bool = False, recompute_attention: bool = False,
                  initial_weights: dict[str, torch.Tensor] | None = None) -> TrainEngine:
     """Seed, build the model for the layout (TransformerLSLM, or its PipelineModule with pp > 1), start DeepSpeed.
 
     `initial_weights` (TP=1 TransformerLSLM names, from training/finetune.py) replace the random initialisation.
+    `recompute_attention`: selective recomputation of each long-short core (model/long_short_attention.py).
     """
     validate_layout(layout.world_size, layout.tp, layout.pp, config)
     micro, gas = check_ds_config(ds_config, layout)
@@ -404,6 +406,7 @@ def build_engine(config: TransformerLSConfig, ds_config: dict[str, Any], layout:
         model = TransformerLSLM(config)
         model.checkpoint_activations = checkpoint_activations
         mpu_arg = mpu
+    set_selective_recompute(model, recompute_attention)
     if initial_weights is not None:  # --finetune: before DeepSpeed partitions (ZeRO-3) or copies (fp32 masters) them
         agree_on_checkpoint(lambda: copy_weights(model, initial_weights, config, layout.tp, layout.tp_rank,
                                                  layout.pp > 1), "copying the --finetune weights")

@@ -152,6 +152,7 @@ def train(argv: list[str] | None = None) -> int:
     source = read_source(args.load, config, run) if resume and args.finetune else None
     engine = build_engine(config, ds_config, layout, seed=args.seed,
                           checkpoint_activations=args.checkpoint_activations,
+                          recompute_attention=args.recompute_attention,
                           initial_weights=source.weights if source else None)
 
     iteration = 0
@@ -268,10 +269,14 @@ def _banner(logger: TrainingLogger, args: argparse.Namespace, config: Any, engin
         f"window {config.window_size}, chunk {config.chunk_size} x {config.chunk_rank}, memory {config.mem_length}, "
         f"{config.attention_type}/{config.attention_impl}, vocab {config.vocab_size}, parameters {params}\n"
         f"layout: world {layout.world_size} = TP {layout.tp} x PP {layout.pp} x DP {layout.dp}, "
-        f"ZeRO {args.zero_stage}, {precision}, backend {layout.backend}\n"
+        f"ZeRO {args.zero_stage}, {precision}, recompute {_recompute_mode(args)}, backend {layout.backend}\n"
         f"batch: {args.global_batch_size} lanes x {args.seq_length} tokens = {tokens:,} tokens/step "
         f"(micro {args.micro_batch_size}, accumulation {args.gradient_accumulation_steps}); "
         f"data {args.data_path} ({meta.get('dataset', '?')}, train {meta['splits']['train']['tokens']:,} tokens)")
+
+
+def _recompute_mode(args: argparse.Namespace) -> str:
+    return "full" if args.checkpoint_activations else "selective" if args.recompute_attention else "none"
 
 
 def _share_cpu_cores() -> None:

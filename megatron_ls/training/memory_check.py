@@ -58,7 +58,8 @@ def training_layout(args: argparse.Namespace, config: TransformerLSConfig, ds_co
     return TrainingLayout(micro_batch_size=args.micro_batch_size, grad_accum_steps=args.gradient_accumulation_steps,
                           tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                           dp=args.data_parallel_size, zero_stage=int(zero.get("stage", args.zero_stage)),
-                          checkpoint_activations=bool(args.checkpoint_activations), precision=precision,
+                          checkpoint_activations=bool(args.checkpoint_activations),
+                          recompute_attention=bool(getattr(args, "recompute_attention", False)), precision=precision,
                           attention_impl=_core(impl), device=device_type,
                           reduce_bucket_size=int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
                           overlap_comm=bool(zero.get("overlap_comm", False)))
@@ -69,7 +70,9 @@ def _alternatives(layout: TrainingLayout, config: TransformerLSConfig, world: in
     out: list[tuple[str, TrainingLayout]] = []
     change = lambda **kw: dataclasses.replace(layout, **kw)  # noqa: E731
     if not layout.checkpoint_activations:
-        out.append(("add --checkpoint-activations", change(checkpoint_activations=True)))
+        if not layout.recompute_attention and layout.attention_impl == "blocked":
+            out.append(("add --recompute-granularity selective", change(recompute_attention=True)))
+        out.append(("add --checkpoint-activations", change(checkpoint_activations=True, recompute_attention=False)))
     for stage in range(layout.zero_stage + 1, 2 if layout.pp > 1 else 4):
         out.append((f"raise --zero-stage to {stage}", change(zero_stage=stage)))
     if layout.micro_batch_size > 1:

@@ -51,6 +51,7 @@ class TrainingLayout:
     dp: int = 1
     zero_stage: int = 0
     checkpoint_activations: bool = False
+    recompute_attention: bool = False  # --recompute-granularity selective
     precision: str = "fp32"  # fp32 | bf16 | fp16
     # What runs the long-short core: blocked (CPU), fused (CUDA) or fused-table (fused with the window position
     # table, MEGATRON_LS_WINDOW_POS=table: two B x H x N x w tables live during each layer's backward).
@@ -60,7 +61,7 @@ class TrainingLayout:
     overlap_comm: bool = False
 
     def describe(self) -> str:
-        ckpt = " ckpt" if self.checkpoint_activations else ""
+        ckpt = " ckpt" if self.checkpoint_activations else " selective" if self.recompute_attention else ""
         return (f"TP{self.tp} PP{self.pp} DP{self.dp} ZeRO-{self.zero_stage}{ckpt} micro {self.micro_batch_size}"
                 f" x{self.grad_accum_steps} {self.precision}")
 
@@ -193,41 +194,75 @@ def _layer_norm_saved(rows: int, width: int, s: int, tp: int) -> int:
     return rows * (2 * width // tp * 4 + 4) + (rows * width // tp * 4 if s != 4 else 0)
 
 
-def blocked_core_bytes(B: int, N: int, M: int, Hl: int, dh: int, config: TransformerLSConfig, s: int,
-                       landmarks: bool) -> dict[str, int]:
-    """What attention/blocked.py saves for the backward, group by group."""
+def _blocked_group_bytes(B: int, Hl: int, dh: int, config: TransformerLSConfig, s: int, b: int, L: int, nb: int,
+                         n_vis: int, n_dist_rows: int) -> dict[str, int]:
+    """What attention/blocked.py saves for one group of `nb` query blocks that sees `n_vis` landmarks."""
+    rows = B * Hl * dh  # elements per position of one (B, H, ., dh) tensor
+    r = config.chunk_rank
+    prob_bytes = 4 + (s if s != 4 else 0)  # fp32 softmax output, plus its low-precision copy the matmul keeps
+    # torch.matmul broadcasts the per-head operands R_w, R_c and the landmark keys over the blocks of the
+    # group and keeps those expanded copies; the landmark distance term is kept by its gather.
+    n_dist = min(n_dist_rows, n_vis // r) if n_vis else 0
+    out = {"core_k_tiles": nb * L * rows * s, "core_v_tiles": nb * (L + n_vis) * rows * s,
+           "core_probs": nb * b * B * Hl * (L + n_vis) * prob_bytes,
+           "core_index": nb * b * n_vis * 8,  # the landmark-distance gather index (int64)
+           "core_broadcast": nb * rows * (config.window_size + (n_dist + n_vis if n_vis else 0)) * s,
+           "core_pos_lm": nb * b * B * Hl * (n_dist + 1) * s if n_vis else 0}
+    if config.attention_dropout > 0:
+        out["core_dropout"] = out["core_probs"] // prob_bytes
+    return out
+
+
+def _blocked_groups(B: int, N: int, M: int, Hl: int, dh: int, config: TransformerLSConfig, s: int,
+                    landmarks: bool) -> list[dict[str, int]]:
     w, c, r = config.window_size, config.chunk_size, config.chunk_rank
     b = default_block_size(w, N)
     n_blocks = math.ceil(N / b)
     L = math.ceil(w / b) * b + b
     n_lm = (M + N) // c * r if landmarks else 0
     group = max(1, min(n_blocks, _MAX_SCORES // max(B * Hl * b * (L + n_lm), 1)))
-    rows = B * Hl * dh  # elements per position of one (B, H, ., dh) tensor
     n_dist_rows = landmark_distance_rows((M + N) // c, config.max_landmark_distance)
-    out = {"core_q": (3 if landmarks else 2) * n_blocks * b * rows * s,  # qs, q+u, q+v (block-major)
-           "core_r_win": Hl * w * dh * s, "core_k_tiles": 0, "core_v_tiles": 0, "core_probs": 0, "core_index": 0,
-           "core_broadcast": 0, "core_pos_lm": 0}
-    prob_bytes = 4 + (s if s != 4 else 0)  # fp32 softmax output, plus its low-precision copy the matmul keeps
+    out = []
     for g0 in range(0, n_blocks, group):
         nb = min(n_blocks, g0 + group) - g0
         last_q = min((g0 + nb) * b, N) - 1
         n_vis = (M + last_q) // c * r if n_lm else 0
-        out["core_k_tiles"] += nb * L * rows * s
-        out["core_v_tiles"] += nb * (L + n_vis) * rows * s
-        out["core_probs"] += nb * b * B * Hl * (L + n_vis) * prob_bytes
-        out["core_index"] += nb * b * n_vis * 8  # the landmark-distance gather index (int64)
-        # torch.matmul broadcasts the per-head operands R_w, R_c and the landmark keys over the blocks of the
-        # group and keeps those expanded copies; the landmark distance term is kept by its gather.
-        n_dist = min(n_dist_rows, n_vis // r) if n_vis else 0
-        out["core_broadcast"] += nb * rows * (w + (n_dist + n_vis if n_vis else 0)) * s
-        out["core_pos_lm"] += nb * b * B * Hl * (n_dist + 1) * s if n_vis else 0
-    if config.attention_dropout > 0:
-        out["core_dropout"] = out["core_probs"] // prob_bytes
+        out.append(_blocked_group_bytes(B, Hl, dh, config, s, b, L, nb, n_vis, n_dist_rows))
     return out
 
 
+def blocked_core_bytes(B: int, N: int, M: int, Hl: int, dh: int, config: TransformerLSConfig, s: int,
+                       landmarks: bool, recompute: bool = False) -> dict[str, int]:
+    """What attention/blocked.py saves for the backward, group by group.
+
+    With `recompute` (selective recomputation) a group keeps only its inputs: slices of the block-major
+    queries (counted in core_q) and of the padded key and value blocks, whose whole storages stay alive.
+    """
+    w = config.window_size
+    b = default_block_size(w, N)
+    n_blocks = math.ceil(N / b)
+    rows = B * Hl * dh
+    out = {"core_q": (3 if landmarks else 2) * n_blocks * b * rows * s,  # qs, q+u, q+v (block-major)
+           "core_r_win": Hl * w * dh * s}
+    if recompute:
+        out["core_kv_blocks"] = 2 * (n_blocks + math.ceil(w / b)) * b * rows * s
+        return out
+    for group in _blocked_groups(B, N, M, Hl, dh, config, s, landmarks):
+        for k, v in group.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def blocked_recompute_workspace(B: int, N: int, M: int, Hl: int, dh: int, config: TransformerLSConfig,
+                                s: int) -> int:
+    """The transient of selective recomputation: the largest group's saved tensors, rebuilt in the backward."""
+    groups = _blocked_groups(B, N, M, Hl, dh, config, s, config.attention_type == "long-short")
+    return max(sum(g.values()) for g in groups)
+
+
 def layer_activation_bytes(config: TransformerLSConfig, B: int, N: int, M: int, tp: int = 1, precision: str = "fp32",
-                           attention_impl: str = "blocked", device: str = "cuda") -> dict[str, int]:
+                           attention_impl: str = "blocked", device: str = "cuda",
+                           recompute_attention: bool = False) -> dict[str, int]:
     """Bytes one layer saves for its backward, by tensor group (memory (B, M, D) itself excluded: it is the cache)."""
     s = DTYPE_BYTES[precision]
     D, F, H, w, c, r = (config.hidden_size, config.ffn_hidden_size, config.num_attention_heads, config.window_size,
@@ -267,7 +302,7 @@ def layer_activation_bytes(config: TransformerLSConfig, B: int, N: int, M: int, 
     else:
         if landmarks:
             a["ln_lm"] += B * (T // c * r) * Dl * s  # landmark keys, read by the core's matmul
-        a.update(blocked_core_bytes(B, N, M, Hl, dh, config, s, landmarks))
+        a.update(blocked_core_bytes(B, N, M, Hl, dh, config, s, landmarks, recompute_attention))
     return a
 
 
@@ -307,7 +342,9 @@ def estimate_memory(config: TransformerLSConfig, seq_length: int, mem_length: in
     M = config.mem_length if mem_length is None else mem_length
     N, B, tp, pp = seq_length, layout.micro_batch_size, layout.tp, layout.pp
     s = DTYPE_BYTES[layout.precision]
-    layer = layer_activation_bytes(config, B, N, M, tp, layout.precision, layout.attention_impl, layout.device)
+    selective = layout.recompute_attention and layout.attention_impl == "blocked" and config.attention_type != "full"
+    layer = layer_activation_bytes(config, B, N, M, tp, layout.precision, layout.attention_impl, layout.device,
+                                   selective)
     layer_total = sum(layer.values())
     best = None
     for stage, (n_layers, n_params) in enumerate(zip(stage_layers(config.num_layers, pp),
@@ -323,6 +360,9 @@ def estimate_memory(config: TransformerLSConfig, seq_length: int, mem_length: in
         params, grads, optimizer = state_bytes(n_params, layout)
         cache = n_layers * (layout.grad_accum_steps + 1) * B * M * config.hidden_size * s if M else 0
         workspace = layer_total + (loss_workspace_bytes(config, B, N, tp, s) if last else 0)
+        if selective:  # one group's scores and probabilities, rebuilt in the backward
+            workspace += blocked_recompute_workspace(B, N, M, config.num_attention_heads // tp,
+                                                     config.hidden_size // config.num_attention_heads, config, s)
         if layout.attention_impl == "fused-table":  # the table and its gradient, both in the compute dtype
             workspace += 2 * B * (config.num_attention_heads // tp) * N * config.window_size * s
         est = MemoryEstimate(params=params, grads=grads, optimizer=optimizer,

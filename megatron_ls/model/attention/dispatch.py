@@ -43,11 +43,16 @@ def long_short_attention(q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tens
                          v_lm: torch.Tensor, pos_bias_u: torch.Tensor, pos_bias_v: torch.Tensor,
                          r_win: torch.Tensor, r_lm: torch.Tensor, *, window: int, chunk: int, chunk_rank: int,
                          mem_len: int, dropout_p: float = 0.0, softmax_scale: float | None = None,
-                         impl: str = "auto") -> torch.Tensor:
-    """The long-short core on local heads; see megatron_ls.model.attention for the contract."""
+                         impl: str = "auto", recompute: bool = False) -> torch.Tensor:
+    """The long-short core on local heads; see megatron_ls.model.attention for the contract.
+
+    `recompute` (selective recomputation) applies to `blocked`: the fused kernel already keeps no scores for the
+    backward, and `reference` is the readable definition.
+    """
     impl = resolve_impl(impl, q.device)
     fn = {"reference": long_short_attention_reference, "blocked": long_short_attention_blocked}.get(impl)
+    extra = {"recompute": recompute} if impl == "blocked" else {}
     if fn is None:
         fn = _fused()
     return fn(q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm, window=window, chunk=chunk,
-              chunk_rank=chunk_rank, mem_len=mem_len, dropout_p=dropout_p, softmax_scale=softmax_scale)
+              chunk_rank=chunk_rank, mem_len=mem_len, dropout_p=dropout_p, softmax_scale=softmax_scale, **extra)
