@@ -125,3 +125,50 @@ def test_corrupt_manifest(model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["--load", ckpt, "--output", str(tmp_path / "out")]) == 1
     assert "manifest.json is not a valid manifest" in _error(capsys)
+
+
+def test_flipped_bytes_fail_the_crc_check(model_dir, tmp_path, capsys):
+    """Same-size damage (the manifest's sizes all agree) is found by the CRC-32, by convert and by load_model."""
+    from megatron_ls.inference.errors import InferenceError
+    from megatron_ls.inference.model_source import load_model
+
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["--load", model_dir, "--output", ckpt, "--target-tp", "1"]) == 0
+    shard = os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip(), "mp_rank_00_model_states.pt")
+    raw = bytearray(open(shard, "rb").read())
+    at = raw.find(load_file(os.path.join(model_dir, "model.safetensors"))["embedding.weight"].numpy().tobytes())
+    assert at > 0
+    raw[at + 100: at + 104] = bytes(b ^ 0xFF for b in raw[at + 100: at + 104])  # weights only: torch.load reads it
+    open(shard, "wb").write(bytes(raw))
+    capsys.readouterr()
+    out = str(tmp_path / "out")
+    assert main(["--load", ckpt, "--output", out]) == 1
+    assert "mp_rank_00_model_states.pt fails its CRC-32 check" in _error(capsys)
+    assert not os.path.exists(out)
+    with pytest.raises(InferenceError, match="fails its CRC-32 check"):  # generate.py and evaluate.py
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file", "proc", "sys"])
+@pytest.mark.parametrize("target", [[], ["--target-tp", "1"]])
+def test_unusable_output_is_one_line_before_any_reading(model_dir, tmp_path, capsys, monkeypatch, where, target):
+    import megatron_ls.checkpoint_convert.cli as cli
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    output = {"a-file": str(blocker), "under-a-file": str(blocker / "sub"), "proc": "/proc/convert-test-out",
+              "sys": "/sys/convert-test-out"}[where]
+    if where in ("proc", "sys") and not os.path.isdir(os.path.dirname(output)):
+        pytest.skip(f"no {os.path.dirname(output)} here")
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["--load", model_dir, "--output", ckpt, "--target-tp", "1"]) == 0
+    capsys.readouterr()
+
+    def no_reading(*args):
+        raise AssertionError("--output must be checked before the checkpoint is read")
+
+    monkeypatch.setattr(cli, "_read_source", no_reading)
+    assert main(["--load", ckpt, "--output", output, *target]) == 1
+    err = _error(capsys)
+    assert len(err.strip().splitlines()) == 1 and f"cannot write --output {output}" in err, err
+    assert blocker.read_text() == "keep me"

@@ -46,6 +46,7 @@ def _read_source(path: str):
 def convert(args: argparse.Namespace) -> str:
     from megatron_ls.checkpoint_convert.read_training import is_training_checkpoint
     from megatron_ls.inference.consolidated import check_weights, is_consolidated, save_consolidated
+    from megatron_ls.inference.output_check import check_writable
 
     to_training = args.target_tp is not None or args.target_pp is not None
     tp = 1 if args.target_tp is None else args.target_tp
@@ -60,6 +61,7 @@ def convert(args: argparse.Namespace) -> str:
     if not is_consolidated(args.load) and not is_training_checkpoint(args.load):
         raise InferenceError(f"--load {args.load} holds no checkpoint: no 'latest' file naming a training checkpoint "
                              "and no config.json + model.safetensors")
+    check_writable(args.output, "--output", folder=True)  # before the reading, which can be long
     existing = [n for n in ("latest", "model.safetensors") if os.path.exists(os.path.join(args.output, n))]
     if existing and not args.overwrite:
         raise InferenceError(f"--output {args.output} already holds a checkpoint ({existing[0]}); pass --overwrite")

@@ -25,7 +25,7 @@ import torch
 from megatron_ls.checkpoint_convert.tp_shards import merge_tp
 from megatron_ls.inference.errors import InferenceError
 from megatron_ls.model.config import TransformerLSConfig
-from megatron_ls.training.checkpointing import LATEST, MANIFEST, RUN_INFO
+from megatron_ls.training.checkpointing import LATEST, MANIFEST, RUN_INFO, _crc32
 
 
 @dataclass
@@ -49,7 +49,7 @@ def is_training_checkpoint(path: str) -> bool:
 
 
 def locate(load_dir: str) -> TrainingCheckpoint:
-    """Resolve `latest`, read run_state.json, check that every file the manifest lists is there."""
+    """Resolve `latest`, read run_state.json, check every file the manifest lists: there, its size, its CRC-32."""
     if not os.path.isdir(load_dir):
         raise InferenceError(f"checkpoint folder {load_dir} not found")
     if os.path.isfile(os.path.join(load_dir, RUN_INFO)):
@@ -84,10 +84,15 @@ def locate(load_dir: str) -> TrainingCheckpoint:
             raise InferenceError(f"checkpoint {path} is corrupt: {MANIFEST} is not a valid manifest") from None
         for name, meta in sorted(files.items()):
             full = os.path.join(path, name)
+            if not isinstance(meta, dict):
+                raise InferenceError(f"checkpoint {path} is corrupt: {MANIFEST} is not a valid manifest")
             if not os.path.isfile(full):
                 raise InferenceError(f"checkpoint {path} is incomplete: {name} is missing")
             if os.path.getsize(full) != meta.get("bytes", os.path.getsize(full)):
                 raise InferenceError(f"checkpoint {path} is corrupt: {name} does not have the size the manifest says")
+            # Same-size damage (flipped bits) only shows in the checksum; the trainer checks it the same way.
+            if "crc32" in meta and _crc32(full) != meta["crc32"]:
+                raise InferenceError(f"checkpoint {path} is corrupt: {name} fails its CRC-32 check")
     return TrainingCheckpoint(path, config, info.get("tokenizer"), tp, pp, info)
 
 
