@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,8 +111,9 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", ["no-data-path", "vocab", "chunk", "missing-ckpt", "ds-json"])
-def test_bad_inputs_one_clear_message(data, tmp_path, case):
+@pytest.mark.parametrize("case", ["no-data-path", "vocab", "chunk", "missing-ckpt", "ds-json", "save-is-file",
+                                  "save-holds-a-checkpoint", "beyond-train-iters", "token-ids"])
+def test_bad_inputs_one_clear_message(data, reference, tmp_path, case):
     args = ["--data-path", data, *TINY, "--train-iters", "2"]
     if case == "no-data-path":
         args, want = args[2:], "--data-path is required"
@@ -121,15 +123,33 @@ def test_bad_inputs_one_clear_message(data, tmp_path, case):
         args, want = args + ["--seq-length", "36"], "--seq-length (36) must be a multiple of --chunk-size (8)"
     elif case == "missing-ckpt":
         args, want = args + ["--load", str(tmp_path / "nothing")], "checkpoint directory not found"
-    else:
+    elif case == "ds-json":
         cfg = tmp_path / "ds.json"
         cfg.write_text(json.dumps({"train_batch_size": 64, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}))
         args, want = args + ["--deepspeed_config", str(cfg)], "--global-batch-size 4 contradicts train_batch_size = 64"
+    elif case == "save-is-file":
+        (tmp_path / "f").write_text("x")
+        args, want = args + ["--save", str(tmp_path / "f")], "is a file, not a folder"
+    elif case == "save-holds-a-checkpoint":  # another run's checkpoint, not resumed: refused, left as it was
+        before = sorted(os.listdir(reference))
+        args, want = args + ["--save", reference], "already holds a checkpoint (iter_0000008) that this run would"
+    elif case == "beyond-train-iters":
+        args, want = args + ["--load", reference], "is at iteration 8, beyond --train-iters 2"
+    else:  # metadata that says the vocabulary is smaller than the ids in the shards
+        for name in os.listdir(os.path.dirname(data)):
+            shutil.copy(os.path.join(os.path.dirname(data), name), tmp_path / name)
+        prefix = str(tmp_path / os.path.basename(data))
+        meta = json.load(open(prefix + ".json"))
+        meta["vocab_size"] = 100
+        json.dump(meta, open(prefix + ".json", "w"))
+        args, want = ["--data-path", prefix, *args[2:]], "holds token id"
     r = run(args, timeout=120)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     lines = error_lines(r.stderr)
     assert len(lines) == 1 and want in lines[0], r.stderr[-3000:]
+    if case == "save-holds-a-checkpoint":
+        assert sorted(os.listdir(reference)) == before
 
 
 @pytest.mark.timeout(300)

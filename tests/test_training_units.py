@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -134,6 +135,36 @@ def test_ds_config_conflicts(tmp_path, obj, flags, match):
     a = args_of("--deepspeed_config", _write(tmp_path, obj), *flags)
     with pytest.raises(ConfigError, match=match):
         build_ds_config(a, on_cpu=True)
+
+
+@pytest.mark.parametrize("obj,match", [
+    ({"bf16": {"enabled": "false"}}, 'bf16.enabled must be true or false, got "false"'),
+    ({"zero_optimization": 2}, '"zero_optimization" must be a JSON object, got 2'),
+    ({"optimizer": "AdamW"}, '"optimizer" must be a JSON object'),
+    ({"train_batch_size": "4"}, 'train_batch_size must be a positive integer, got "4"'),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be a positive integer, got 0"),
+    ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu must be a positive integer"),
+    ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
+    ({"gradient_clipping": "1.0"}, "gradient_clipping must be a finite number"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": "1e-3"}}}, "optimizer.params.lr must be a finite number"),
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, "0.99"]}}}, "betas must be a list of two numbers"),
+])
+def test_ds_config_wrong_types_are_named(tmp_path, obj, match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        build_ds_config(args_of("--deepspeed_config", _write(tmp_path, obj)), on_cpu=True)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--adam-beta1", "1.5"], "--adam-beta1 must be in [0, 1), got 1.5"),
+    (["--adam-beta2", "nan"], "--adam-beta2 must be in [0, 1)"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--adam-eps", "0"], "--adam-eps must be a finite number > 0"),
+    (["--clip-grad", "nan"], "--clip-grad must be a finite number >= 0"),
+])
+def test_optimizer_values_are_checked(flags, match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        build_ds_config(args_of(*flags), on_cpu=True)
 
 
 def test_ds_config_bad_file(tmp_path):

@@ -10,6 +10,7 @@ on every rank at once instead of leaving some ranks waiting for the others.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -284,18 +285,27 @@ def finalize_run_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError(f"--global-batch-size ({args.global_batch_size}) must be a multiple of "
                           f"--micro-batch-size ({args.micro_batch_size}) x data-parallel size ({dp})")
     args.gradient_accumulation_steps = args.global_batch_size // (args.micro_batch_size * dp)
-    if args.lr <= 0:
-        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigError(f"--lr must be a finite number > 0, got {args.lr}")
     if not 0 <= args.min_lr <= args.lr:
         raise ConfigError(f"--min-lr ({args.min_lr}) must be in [0, --lr ({args.lr})]")
     if args.lr_warmup_iters < 0:
         raise ConfigError(f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
-    if args.clip_grad < 0:
-        raise ConfigError(f"--clip-grad must be >= 0, got {args.clip_grad}")
+    if not (math.isfinite(args.clip_grad) and args.clip_grad >= 0):
+        raise ConfigError(f"--clip-grad must be a finite number >= 0, got {args.clip_grad}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ConfigError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ConfigError(f"{_flag(name)} must be in [0, 1), got {getattr(args, name)}")
+    if not (math.isfinite(args.adam_eps) and args.adam_eps > 0):
+        raise ConfigError(f"--adam-eps must be a finite number > 0, got {args.adam_eps}")
     if args.bf16 and args.fp16:
-        raise ConfigError("--bf16 and --fp16 are mutually exclusive")
+        raise ConfigError("--bf16 and --fp16 (or bf16.enabled and fp16.enabled in --deepspeed_config) are mutually "
+                          "exclusive")
     if args.fp16 and not _cuda():
-        raise ConfigError("--fp16 needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); use --bf16 or fp32")
+        raise ConfigError("fp16 (--fp16, or fp16.enabled in --deepspeed_config) needs a CUDA GPU (DeepSpeed refuses "
+                          "fp16 on CPU); use --bf16 or fp32")
     if args.pipeline_model_parallel_size > 1 and args.zero_stage > 1:
         raise ConfigError(f"--zero-stage {args.zero_stage} cannot be used with pipeline parallelism "
                           "(DeepSpeed's pipeline engine supports ZeRO stage 0 or 1)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 from typing import Any
 
@@ -75,8 +76,45 @@ def _conflict(flag: str, flag_value: Any, where: str, json_value: Any, source: s
                        "remove one of them or make them agree")
 
 
+# Entries the flags read, with the type and range DeepSpeed needs: a wrong one is named here, not deep inside
+# DeepSpeed (a string "false" would even read as true).
+_OBJECTS = ("zero_optimization", "optimizer", "bf16", "fp16")
+_TYPED: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("train_batch_size",), "count"), (("train_micro_batch_size_per_gpu",), "count"),
+    (("gradient_accumulation_steps",), "count"), (("gradient_clipping",), "number"),
+    (("zero_optimization", "stage"), "stage"), (("bf16", "enabled"), "bool"), (("fp16", "enabled"), "bool"),
+    (("optimizer", "params", "lr"), "number"), (("optimizer", "params", "weight_decay"), "number"),
+    (("optimizer", "params", "eps"), "number"),
+)
+
+
+def check_user_types(cfg: dict, source: str) -> None:
+    """Raise on an entry of the wrong JSON type or range, naming it."""
+    for key in _OBJECTS:
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise ConfigError(f"{source}: \"{key}\" must be a JSON object, got {json.dumps(cfg[key])}")
+    params = _get(cfg, ("optimizer", "params"))
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{source}: optimizer.params must be a JSON object, got {json.dumps(params)}")
+    for path, kind in _TYPED:
+        value = _get(cfg, path)
+        if value is None:
+            continue
+        where = ".".join(path)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{source}: {where} must be true or false, got {json.dumps(value)}")
+        if kind == "number" and not (number and math.isfinite(value)):
+            raise ConfigError(f"{source}: {where} must be a finite number, got {json.dumps(value)}")
+        if kind == "count" and not (number and value == int(value) and value >= 1):
+            raise ConfigError(f"{source}: {where} must be a positive integer, got {json.dumps(value)}")
+        if kind == "stage" and value not in (0, 1, 2, 3) or kind == "stage" and isinstance(value, bool):
+            raise ConfigError(f"{source}: {where} must be 0, 1, 2 or 3, got {json.dumps(value)}")
+
+
 def absorb_user_config(args: argparse.Namespace, cfg: dict, source: str) -> None:
     """Fill flags the user did not give from the JSON; raise on a contradiction."""
+    check_user_types(cfg, source)
     given = args.explicit
 
     def take(dest: str, value: Any, where: str) -> None:
@@ -92,7 +130,8 @@ def absorb_user_config(args: argparse.Namespace, cfg: dict, source: str) -> None
         take(dest, _get(cfg, path), ".".join(path))
     betas = _get(cfg, ("optimizer", "params", "betas"))
     if betas is not None:
-        if not (isinstance(betas, list) and len(betas) == 2):
+        if not (isinstance(betas, list) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
             raise ConfigError(f"{source}: optimizer.params.betas must be a list of two numbers, got {betas}")
         take("adam_beta1", betas[0], "optimizer.params.betas[0]")
         take("adam_beta2", betas[1], "optimizer.params.betas[1]")

@@ -50,6 +50,13 @@ def _load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
     valid_tokens = None
     if args.eval_iters != 0:
         valid_tokens, _ = load_split(args.data_path, "valid")
+    for split, tokens in (("train", train_tokens), ("valid", valid_tokens)):
+        # One pass over the memory map (a fraction of a second for enwik8): an id past the vocabulary would
+        # otherwise surface as an index error inside the embedding, mid-training.
+        if tokens is not None and len(tokens) and int(tokens.max()) >= int(meta["vocab_size"]):
+            raise DataError(f"{args.data_path}_{split} holds token id {int(tokens.max())} but {args.data_path}.json "
+                            f"says the vocabulary has {meta['vocab_size']} ids: the shards and their metadata do not "
+                            "belong together")
     return train_tokens, valid_tokens, meta
 
 
@@ -108,6 +115,30 @@ def _run_info(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     }
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Folders this run writes: creatable and writable now (not after the model is built), and --save not
+    holding another run's checkpoints that this run would overwrite."""
+    for flag, path in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir)):
+        if not path:
+            continue
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"{flag} {path} is a file, not a folder")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{flag} {path}: cannot create the folder ({e.strerror})") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} {path}: the folder is not writable")
+    if not args.save or not ckpt.has_checkpoint(args.save):
+        return
+    if not (args.load and not args.finetune and os.path.realpath(args.load) == os.path.realpath(args.save)):
+        with open(os.path.join(args.save, ckpt.LATEST)) as f:
+            tag = f.read().strip()
+        raise ConfigError(f"--save {args.save} already holds a checkpoint ({tag}) that this run would overwrite: "
+                          f"to continue that run pass --load {args.save} (without --finetune); to start over, "
+                          "delete it or choose another --save folder")
+
+
 def _should_resume(args: argparse.Namespace) -> bool:
     """--load with --save pointing to the same place and no checkpoint yet is a fresh start of a resumable run."""
     if not args.load:
@@ -125,6 +156,7 @@ def train(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world, rank, _ = world_from_env()
     finalize_args(args, world_size=world)
+    _check_outputs(args)
     train_tokens, valid_tokens, meta = _load_data(args)
     args.tokenizer = meta.get("tokenizer")
     config = _model_config(args, meta)
@@ -163,6 +195,10 @@ def train(argv: list[str] | None = None) -> int:
     elif resume:
         path, info = ckpt.locate_checkpoint(args.load)
         ckpt.check_compatible(info, config.to_dict(), run, False, path)
+        if int(info["iteration"]) > args.train_iters:
+            raise ConfigError(f"checkpoint {path} is at iteration {info['iteration']}, beyond --train-iters "
+                              f"{args.train_iters}: raise --train-iters to train on (or --finetune to start a new "
+                              "phase from its weights)")
         ckpt.load_engine_state(engine, path, finetune=False)
         ckpt.agree_on_checkpoint(lambda: _restore_local_state(path, train_data, engine), "restoring the run state")
         iteration = int(info["iteration"])
