@@ -98,3 +98,18 @@ def test_sentencepiece_errors(tmp_path):
         SentencePieceTokenizer(str(tmp_path / "missing.model"))
     with pytest.raises(DataError, match="too small"):
         train_sentencepiece([str(tmp_path / "x.txt")], str(tmp_path / "m"), vocab_size=100)
+
+
+def test_tokenizer_mismatch(spm_model, tmp_path):
+    from megatron_ls.data import tokenizer_mismatch
+
+    sp = SentencePieceTokenizer(spm_model).describe()
+    assert tokenizer_mismatch(sp, dict(sp, model="elsewhere/m.model")) is None  # the path does not matter
+    assert tokenizer_mismatch(ByteTokenizer().describe(), ByteTokenizer().describe()) is None
+    assert tokenizer_mismatch(None, sp) is None and tokenizer_mismatch(sp, {}) is None  # unknown: nothing to say
+    assert tokenizer_mismatch(ByteTokenizer().describe(), Text8Tokenizer().describe()) == "byte vs text8"
+    other = dict(sp, model_sha256="f" * 64)
+    diff = tokenizer_mismatch(sp, other)
+    assert diff is not None and sp["model_sha256"][:12] in diff and "ffffffffffff" in diff
+    assert diff.index(sp["model_sha256"][:12]) < diff.index("ffffffffffff")  # a's side first
+    assert "vs" in tokenizer_mismatch(dict(sp, model_sha256=None), dict(sp, model_sha256=None, vocab_size=1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -94,3 +95,66 @@ def test_bad_device_or_output_is_one_clear_error(setup, tmp_path, capsys, case):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and want in lines[0], captured.err
     assert "bits per character" not in captured.out  # output problems are found before the evaluation
+
+
+@pytest.mark.parametrize("max_tokens", ["-5", "0", "1"])
+def test_max_tokens_below_two_names_the_flag(setup, capsys, max_tokens):
+    model_dir, prefix, _ = setup
+    assert evaluate_main(["--model", model_dir, "--data-path", prefix, "--context", str(CONTEXT), "--step", str(STEP),
+                          "--no-progress", "--max-tokens", max_tokens]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --max-tokens must be at least 2") and max_tokens in lines[0]
+    assert "bits per character" not in captured.out
+
+
+@pytest.mark.parametrize("folder", ["/proc", "/sys"])
+def test_output_that_os_access_allows_to_root_is_refused_up_front(setup, capsys, folder):
+    """As root os.access says yes to /proc and /sys; the check tries a scratch file instead."""
+    if not os.path.isdir(folder):
+        pytest.skip(f"no {folder} here")
+    model_dir, prefix, _ = setup
+    assert evaluate_main(["--model", model_dir, "--data-path", prefix, "--context", str(CONTEXT), "--step", str(STEP),
+                          "--no-progress", "--output", f"{folder}/evaluate-test.json"]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write --output {folder}/"), captured.err
+    assert "bits per character" not in captured.out
+
+
+def test_output_check_leaves_nothing_behind(setup, tmp_path, capsys):
+    """The check creates no folder: a run that fails later leaves none; a run that succeeds creates it."""
+    model_dir, prefix, _ = setup
+    out = tmp_path / "new" / "sub" / "bpc.json"
+    args = ["--model", model_dir, "--data-path", prefix, "--step", str(STEP), "--no-progress", "--output", str(out)]
+    assert evaluate_main([*args, "--context", "100"]) == 1  # fails after the output check
+    assert "--context" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    assert evaluate_main([*args, "--context", str(CONTEXT), "--max-tokens", "40"]) == 0
+    assert json.loads(out.read_text())["tokens"] == 39
+
+
+def test_shards_of_another_sentencepiece_model_are_refused(tmp_path, capsys):
+    """Same vocabulary size, other sentencepiece model (its hash in P.json): the ids mean other text."""
+    from megatron_ls.data import SentencePieceTokenizer, train_sentencepiece
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"word{i % 37} piece{i % 11}" for i in range(3000)))
+    tok = SentencePieceTokenizer(train_sentencepiece([str(corpus)], str(tmp_path / "m"), 300))
+    prefix = str(tmp_path / "shards" / "sp")
+    assert preprocess_main(["--dataset", "text", "--input", str(corpus), "--output-prefix", prefix,
+                            "--tokenizer", "sentencepiece", "--sentencepiece-model", tok.model_path,
+                            "--no-progress"]) == 0
+    model_dir = make_model_dir(str(tmp_path / "model"), vocab=tok.vocab_size, tokenizer=tok)
+    args = ["--model", model_dir, "--data-path", prefix, "--context", str(CONTEXT), "--step", str(STEP),
+            "--max-tokens", "40", "--no-progress"]
+    assert evaluate_main(args) == 0
+    meta = json.loads(open(prefix + ".json").read())
+    meta["tokenizer"]["model_sha256"] = "0123456789ab" + "0" * 52  # as if made by another 300-piece model
+    open(prefix + ".json", "w").write(json.dumps(meta))
+    capsys.readouterr()
+    assert evaluate_main(args) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "another tokenizer" in lines[0] and "0123456789ab" in lines[0], captured.err
+    assert "bits per character" not in captured.out

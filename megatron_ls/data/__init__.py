@@ -11,6 +11,7 @@ from .tokenizers import (
     SentencePieceTokenizer,
     Text8Tokenizer,
     build_tokenizer,
+    tokenizer_mismatch,
     train_sentencepiece,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "split_bounds",
     "split_micro_batches",
     "split_prefix",
+    "tokenizer_mismatch",
     "train_sentencepiece",
     "write_default_corpus",
 ]

@@ -188,6 +188,28 @@ def train_sentencepiece(
 Tokenizer = ByteTokenizer | Text8Tokenizer | SentencePieceTokenizer
 
 
+def tokenizer_mismatch(a: dict | None, b: dict | None) -> str | None:
+    """How two tokenizer descriptions (``describe()``) differ, as "A vs B" with a's side first; None when they
+    agree, or when either is unknown (None, empty, not a dict): then there is nothing to compare.
+
+    Compared: the type, then for sentencepiece the model file's SHA-256 (two models of the same size give
+    the same vocabulary size but different ids), then the vocabulary size. Not the model path: the same
+    model may be stored anywhere.
+    """
+    if not isinstance(a, dict) or not isinstance(b, dict) or not a or not b:
+        return None
+    if a.get("type") != b.get("type"):
+        return f"{a.get('type')} vs {b.get('type')}"
+    if a.get("type") == "sentencepiece":
+        ha, hb = a.get("model_sha256"), b.get("model_sha256")
+        if ha and hb and ha != hb:
+            return f"sentencepiece model sha256 {str(ha)[:12]}... vs {str(hb)[:12]}..."
+    va, vb = a.get("vocab_size"), b.get("vocab_size")
+    if va is not None and vb is not None and va != vb:
+        return f"{a.get('type')} of {va} tokens vs {vb}"
+    return None
+
+
 def build_tokenizer(description: dict, base_dir: str | None = None) -> Tokenizer:
     """Rebuild a tokenizer from ``describe()``; relative model paths resolve from ``base_dir``."""
     kind = description.get("type")

@@ -21,7 +21,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--context", type=int, default=32768, help="most tokens a prediction conditions on (paper: 32K)")
     p.add_argument("--step", type=int, default=512, help="tokens predicted per forward (paper: 512)")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens (quick checks)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N >= 2 tokens (quick)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--attention-impl", default=None, help="override the model's attention_impl (e.g. blocked)")
     p.add_argument("--output", default=None, help="write the result as JSON here")
@@ -34,18 +34,23 @@ def run(args: argparse.Namespace) -> dict:
 
     from megatron_ls.data.errors import DataError
     from megatron_ls.data.lanes import load_split
+    from megatron_ls.data.tokenizers import tokenizer_mismatch
     from megatron_ls.inference.evaluate import check_protocol, evaluate_stream
     from megatron_ls.inference.model_source import load_model, reconfigure
+    from megatron_ls.inference.output_check import check_writable
 
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise InferenceError(f"--max-tokens must be at least 2 (one token to condition on, one to predict), "
+                             f"got {args.max_tokens}")
     if args.output:
-        check_output(args.output)  # before the evaluation, which can take hours
+        check_writable(args.output, "--output")  # before the evaluation, which can take hours
     try:
         tokens, meta = load_split(args.data_path, args.split)
     except (DataError, OSError) as e:
         raise InferenceError(f"cannot read the {args.split} split of {args.data_path}: {e}") from None
     if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
-    model, _ = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, device=args.device)
     try:
         mem = check_protocol(args.context, args.step, model.config.chunk_size)
     except ValueError as e:
@@ -56,6 +61,12 @@ def run(args: argparse.Namespace) -> dict:
     if vocab != model.config.vocab_size:
         raise InferenceError(f"the shards {args.data_path} have a vocabulary of {vocab} "
                              f"({meta.get('tokenizer', {}).get('type', '?')}), the model {model.config.vocab_size}")
+    # Same vocabulary size is not the same tokenizer (two sentencepiece models of 400 pieces): the ids would
+    # mean other text, and the score nothing.
+    diff = tokenizer_mismatch(tokenizer.describe() if tokenizer is not None else None, meta.get("tokenizer"))
+    if diff:
+        raise InferenceError(f"the shards {args.data_path} were made with another tokenizer than the model "
+                             f"{args.model} (model vs shards: {diff})")
     bar = tqdm(total=max(len(tokens) - 1, 0), unit="tok", unit_scale=True, desc=f"{args.split} BPC",
                disable=args.no_progress, file=sys.stderr)
     try:
@@ -70,25 +81,13 @@ def run(args: argparse.Namespace) -> dict:
           f"{args.context}, step {args.step}, {result.seconds:.1f} s)")
     if args.output:
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             with open(args.output, "w") as f:
                 json.dump(out, f, indent=2)
                 f.write("\n")
         except OSError as e:
             raise InferenceError(f"cannot write --output {args.output}: {e.strerror or e}") from None
     return out
-
-
-def check_output(path: str) -> None:
-    """--output can be written: its folder exists (created if need be) and is writable, the path is no folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise InferenceError(f"cannot write --output {path}: cannot create {folder}: {e.strerror or e}") from None
-    if os.path.isdir(path):
-        raise InferenceError(f"cannot write --output {path}: it is a directory")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise InferenceError(f"cannot write --output {path}: permission denied")
 
 
 def main(argv: list[str] | None = None) -> int:
