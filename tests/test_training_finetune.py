@@ -87,3 +87,14 @@ def test_other_architecture_is_one_clear_error(data, sources, tmp_path):
         assert rc == 1 and "Traceback" not in err, (rank, err[-3000:])
         (line,) = error_lines(err)
         assert "has hidden_size = 32, this run has 64" in line, line
+
+
+@pytest.mark.timeout(300)
+def test_finetune_from_an_empty_save_folder_is_an_error(data, tmp_path):
+    """--load = --save with nothing there starts a resumable run from scratch, but not with --finetune."""
+    folder = str(tmp_path / "empty")
+    os.makedirs(folder)
+    r = run(["--data-path", data, *NO_DROPOUT, *ONE_STEP, "--load", folder, "--save", folder])
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    (line,) = error_lines(r.stderr)
+    assert "no checkpoint there" in line, line

@@ -143,7 +143,8 @@ def _should_resume(args: argparse.Namespace) -> bool:
     """--load with --save pointing to the same place and no checkpoint yet is a fresh start of a resumable run."""
     if not args.load:
         return False
-    if not ckpt.has_checkpoint(args.load) and args.save and os.path.realpath(args.load) == os.path.realpath(args.save):
+    if (not args.finetune and not ckpt.has_checkpoint(args.load) and args.save
+            and os.path.realpath(args.load) == os.path.realpath(args.save)):
         print_rank0(f"no checkpoint in {args.load} yet: starting from scratch")
         return False
     return True
