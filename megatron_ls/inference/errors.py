@@ -11,10 +11,20 @@ class InferenceError(Exception):
 
 
 def run_cli(body: Callable[[], object]) -> int:
-    """Exit status of a command-line tool's body: 0, or 1 after one 'error: ...' line for an InferenceError."""
+    """Exit status of a command-line tool's body: 0, or 1 after one 'error: ...' line.
+
+    Besides InferenceError, a DataError (a tokenizer or shard problem met past the up-front checks) and an
+    OSError (disk full, permission denied while writing, ...) are bad input or environment too, not bugs.
+    """
+    from megatron_ls.data.errors import DataError
+
     try:
         body()
-    except InferenceError as e:
+    except (InferenceError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     return 0

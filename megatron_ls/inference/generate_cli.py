@@ -1,8 +1,11 @@
 """tools/generate.py: sample a continuation of a prompt from a consolidated (or training) checkpoint.
 
     python tools/generate.py --model DIR --prompt "The " --max-new-tokens 200 --temperature 0.8 --top-k 40
-    echo "text" | python tools/generate.py --model DIR --prompt - ...     (stdin)
+    printf 'text' | python tools/generate.py --model DIR --prompt - ...   (stdin)
     python tools/generate.py --model DIR --prompt-file prompt.txt ...
+
+A prompt from stdin or a file is taken as it is, a final newline included (echo adds one, which text8's
+alphabet does not have: use printf). A byte-level model takes any bytes; other tokenizers need UTF-8.
 
 The decoder keeps per layer the window keys/values, the landmarks of completed chunks and the open
 chunk, so each new token costs O(window + landmarks), and follows the model's segment-with-memory
@@ -12,6 +15,7 @@ semantics (--segment-length / --mem-length; 0 segment length = one segment from 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from megatron_ls.inference.errors import InferenceError, run_cli
@@ -38,23 +42,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_prompt(args: argparse.Namespace) -> str:
+def read_prompt(args: argparse.Namespace) -> bytes | str:
+    """The prompt as given: the bytes of the file or of stdin (how to read them is the tokenizer's business),
+    or the --prompt text."""
     if args.prompt_file is not None:
         try:
-            with open(args.prompt_file, encoding="utf-8", errors="surrogateescape") as f:
+            with open(args.prompt_file, "rb") as f:
                 return f.read()
         except OSError as e:
             raise InferenceError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
     if args.prompt == "-":
-        return sys.stdin.read()
+        stdin = getattr(sys.stdin, "buffer", None)  # a replaced sys.stdin may be text only
+        return stdin.read() if stdin is not None else sys.stdin.read()
     return args.prompt
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    from megatron_ls.data.errors import DataError
+def prompt_source(args: argparse.Namespace) -> str:
+    if args.prompt_file is not None:
+        return f"--prompt-file {args.prompt_file}"
+    return "the prompt on stdin" if args.prompt == "-" else "--prompt"
 
+
+def encode_prompt(tokenizer, prompt: bytes | str, source: str = "the prompt") -> list[int]:
+    """Token ids of the prompt. A byte-level model takes any bytes as they are (undecodable bytes of --prompt,
+    which Python keeps as lone surrogates, as the bytes they were); the other tokenizers read UTF-8 text."""
+    from megatron_ls.data.errors import DataError
+    from megatron_ls.data.tokenizers import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        if isinstance(prompt, str):
+            prompt = prompt.encode("utf-8", errors="surrogateescape")
+    else:
+        try:
+            prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else prompt
+            prompt.encode("utf-8")  # lone surrogates: bytes of the command line that were not UTF-8
+        except UnicodeError as e:
+            raise InferenceError(f"{source} is not valid UTF-8 (at offset {e.start:,}); only a byte-level model "
+                                 "takes arbitrary bytes") from None
     try:
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(prompt)
     except (DataError, UnicodeError) as e:
         raise InferenceError(f"the prompt cannot be encoded for this model's vocabulary: {e}") from None
     return [int(i) for i in ids]
@@ -67,13 +93,18 @@ def run(args: argparse.Namespace) -> None:
 
     if args.max_new_tokens < 0:
         raise InferenceError("--max-new-tokens must be >= 0")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise InferenceError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    # nan fails every comparison, and inf would sample uniformly: both are refused here.
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise InferenceError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise InferenceError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
+    if args.top_k < 0:
+        raise InferenceError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     text = read_prompt(args)
     model, tokenizer = load_model(args.model, device=args.device)
     if tokenizer is None:
         raise InferenceError(f"{args.model} has no tokenizer description (tokenizer.json)")
-    prompt = encode_prompt(tokenizer, text)
+    prompt = encode_prompt(tokenizer, text, prompt_source(args))
     if not prompt:
         raise InferenceError("the prompt is empty: give at least one character")
     cfg = model.config

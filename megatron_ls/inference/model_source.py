@@ -45,7 +45,9 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
     """(model in eval mode at TP=1, tokenizer or None)."""
     device = resolve_device(device)
     if is_consolidated(path):
-        return load_consolidated(path, device, dtype, **config_overrides)
+        model, tokenizer = load_consolidated(path, device, dtype, **config_overrides)
+        check_tokenizer_fits(tokenizer, model.config, path)
+        return model, tokenizer
     from megatron_ls.checkpoint_convert.read_training import is_training_checkpoint, read_training_checkpoint
 
     if not os.path.isdir(path):
@@ -57,8 +59,18 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
     config = ckpt.config
     if config_overrides:
         config = TransformerLSConfig.from_dict({**config.to_dict(), **config_overrides})
-    model = build_model(state, config, device, dtype, where=f"the weights of {ckpt.path}")
-    return model, training_tokenizer(ckpt)
+    tokenizer = training_tokenizer(ckpt)
+    check_tokenizer_fits(tokenizer, config, ckpt.path)
+    return build_model(state, config, device, dtype, where=f"the weights of {ckpt.path}"), tokenizer
+
+
+def check_tokenizer_fits(tokenizer, config: TransformerLSConfig, where: str) -> None:
+    """One InferenceError when the tokenizer's ids are not the model's vocabulary (a tokenizer.json copied
+    from another model): found at load time, not when a sampled id fails to decode."""
+    if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
+        kind = tokenizer.describe().get("type", "?")
+        raise InferenceError(f"the tokenizer of {where} ({kind}, {tokenizer.vocab_size} ids) does not fit its "
+                             f"model's vocabulary of {config.vocab_size}: the tokenizer belongs to another model")
 
 
 def reconfigure(model: TransformerLSLM, **overrides: Any) -> None:

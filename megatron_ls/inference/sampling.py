@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    if not math.isfinite(temperature) or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need a finite temperature >= 0, 0 < top_p <= 1, top_k >= 0; "
+                         f"got {temperature}, {top_p}, {top_k}")
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
