@@ -98,3 +98,16 @@ def test_finetune_from_an_empty_save_folder_is_an_error(data, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     (line,) = error_lines(r.stderr)
     assert "no checkpoint there" in line, line
+
+
+def test_other_tokenizer_is_refused(sources):
+    """Same vocabulary size, other tokenizer: the ids would mean other symbols."""
+    from megatron_ls.inference.consolidated import read_config
+    from megatron_ls.training.errors import CheckpointError
+    from megatron_ls.training.finetune import read_source
+
+    folder = sources["consolidated"]
+    config = read_config(folder)
+    assert read_source(folder, config, {}, {"type": "byte", "vocab_size": 256}).weights is not None
+    with pytest.raises(CheckpointError, match="its tokenizer is not this data's"):
+        read_source(folder, config, {}, {"type": "sentencepiece", "vocab_size": 256, "model_sha256": "0" * 64})

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from megatron_ls.data.tokenizers import tokenizer_mismatch
 from megatron_ls.inference.errors import InferenceError
 from megatron_ls.model.config import TransformerLSConfig
 
@@ -32,8 +33,10 @@ class FinetuneSource:
     info: dict[str, Any] = field(default_factory=dict)  # its run_state.json ({} for another tool's checkpoint)
 
 
-def read_source(load: str, config: TransformerLSConfig, run: dict[str, Any]) -> FinetuneSource:
-    """Collective. Locate, verify and read --load for --finetune; architecture checked against this run's."""
+def read_source(load: str, config: TransformerLSConfig, run: dict[str, Any],
+                tokenizer: dict[str, Any] | None = None) -> FinetuneSource:
+    """Collective. Locate, verify and read --load for --finetune; architecture checked against this run's, and
+    its tokenizer against `tokenizer` (this run's shards'): same ids must mean the same symbols."""
     from megatron_ls.inference.consolidated import is_consolidated
 
     if is_consolidated(load):
@@ -46,10 +49,11 @@ def read_source(load: str, config: TransformerLSConfig, run: dict[str, Any]) -> 
     def read() -> FinetuneSource:
         try:
             if info is None:
-                from megatron_ls.inference.consolidated import load_consolidated_state
+                from megatron_ls.inference.consolidated import load_consolidated_state, read_tokenizer_description
 
                 state, saved = load_consolidated_state(path)
-                source = FinetuneSource(path, state, {"model": saved.to_dict()})
+                source = FinetuneSource(path, state, {"model": saved.to_dict(),
+                                                      "tokenizer": read_tokenizer_description(path)})
             else:
                 from megatron_ls.checkpoint_convert.read_training import read_training_checkpoint
 
@@ -57,6 +61,10 @@ def read_source(load: str, config: TransformerLSConfig, run: dict[str, Any]) -> 
         except InferenceError as e:
             raise CheckpointError(f"--finetune --load {load}: {e}") from None
         ckpt.check_compatible(source.info, config.to_dict(), run, True, path)
+        differ = tokenizer_mismatch(source.info.get("tokenizer"), tokenizer)
+        if differ:
+            raise CheckpointError(f"--finetune --load {load}: its tokenizer is not this data's ({differ}); the "
+                                  "weights would read other symbols")
         source.weights = {k: v.float() if v.is_floating_point() else v for k, v in source.weights.items()}
         return source
 

@@ -182,7 +182,7 @@ def train(argv: list[str] | None = None) -> int:
     run_info = _run_info(args, config)
     run = run_info["run"] | run_info["layout"] | {"world_size": world}
     resume = _should_resume(args)
-    source = read_source(args.load, config, run) if resume and args.finetune else None
+    source = read_source(args.load, config, run, args.tokenizer) if resume and args.finetune else None
     engine = build_engine(config, ds_config, layout, seed=args.seed,
                           checkpoint_activations=args.checkpoint_activations,
                           recompute_attention=args.recompute_attention,
