@@ -127,3 +127,29 @@ def test_keep_last_partial_step_predicts_every_token():
     np.testing.assert_array_equal(torch.cat(xs, 1)[0].numpy(), tokens[:-1])
     x, _ = ds.next_batch()
     assert ds.is_new_stream and ds.epoch == 1 and x.shape == (1, 64)
+
+
+@pytest.mark.parametrize("damage", ["no-splits", "no-split", "no-tokens", "not-a-number", "not-an-object"])
+def test_load_split_damaged_metadata_is_a_data_error(tmp_path, damage):
+    import json
+
+    from megatron_ls.data import DataError
+
+    text = tmp_path / "corpus.txt"
+    text.write_bytes(bytes(range(256)) * 4)
+    prefix = str(tmp_path / "c")
+    preprocess_text([str(text)], prefix, split=(80, 10, 10), progress=False)
+    meta = json.load(open(prefix + ".json"))
+    if damage == "no-splits":
+        del meta["splits"]
+    elif damage == "no-split":
+        del meta["splits"]["valid"]
+    elif damage == "no-tokens":
+        del meta["splits"]["valid"]["tokens"]
+    elif damage == "not-a-number":
+        meta["splits"]["valid"]["tokens"] = "12"
+    else:
+        meta = [meta]
+    json.dump(meta, open(prefix + ".json", "w"))
+    with pytest.raises(DataError, match=f"{prefix}.json"):
+        load_split(prefix, "valid")

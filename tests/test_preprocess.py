@@ -383,3 +383,46 @@ def test_not_utf8_while_training_sentencepiece(tmp_path, capsys):
     rc, _, err = run_main(["--dataset", "text", "--input", str(src), "--output-prefix", str(tmp_path / "o"),
                            "--tokenizer", "sentencepiece", "--vocab-size", "300"], capsys)
     assert_clean_failure(rc, err, "not UTF-8", tmp_path, before)
+
+
+@pytest.mark.parametrize("split", ["nan,1,1", "inf,1,1", "1,-inf,1", "1e308,1e308,1"])
+def test_split_weights_must_be_finite(tmp_path, capsys, monkeypatch, split):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").write_bytes(b"abc")
+    rc, _, err = run_main(["--dataset", "text", "--input", "a", "--output-prefix", "new/x", "--split", split], capsys)
+    assert_clean_failure(rc, err, "finite", tmp_path, before=["a"])
+    from megatron_ls.data import DataError, split_bounds
+
+    with pytest.raises(DataError, match="finite"):
+        split_bounds(100, [float(w) for w in split.split(",")])
+
+
+@pytest.mark.parametrize("case", ["not-utf8-spm", "vocab-size", "text8-symbol", "corrupt-zip", "download"])
+def test_failed_run_removes_the_folders_it_created(tmp_path, capsys, small_corpora, case):
+    """A failure leaves no empty output folder of the run's own making; a folder that was there stays."""
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"ok text\n\xff\xfe broken" if case == "not-utf8-spm" else b"some text " * 50)
+    if case == "text8-symbol":
+        src.write_bytes(b"a" * 2_999_999 + b"X")
+    elif case == "corrupt-zip":
+        make_zip(tmp_path / "text8.zip", "text8", b"a" * 3_000_000, method=zipfile.ZIP_STORED)
+        raw = bytearray((tmp_path / "text8.zip").read_bytes())
+        raw[2_000_000] ^= 0xFF
+        src = tmp_path / "text8.zip"
+        src.write_bytes(bytes(raw))
+    spm = ["--dataset", "text", "--input", str(src), "--tokenizer", "sentencepiece", "--vocab-size"]
+    argv = {
+        "not-utf8-spm": [*spm, "300"],
+        "vocab-size": [*spm, "-5"],
+        "text8-symbol": ["--dataset", "text8", "--input", str(src)],
+        "corrupt-zip": ["--dataset", "text8", "--input", str(src)],
+        "download": ["--dataset", "text8", "--download"],
+    }[case]
+    before = os.listdir(tmp_path)
+    rc, _, err = run_main([*argv, "--output-prefix", str(tmp_path / "new" / "deeper" / "p"), "--no-progress"], capsys)
+    if case == "download" and rc == 0:
+        pytest.skip("this machine has network access")
+    assert_clean_failure(rc, err, "", tmp_path, before)
+    (tmp_path / "kept").mkdir()
+    rc, _, err = run_main([*argv, "--output-prefix", str(tmp_path / "kept" / "p"), "--no-progress"], capsys)
+    assert rc == 1 and (tmp_path / "kept").is_dir() and os.listdir(tmp_path / "kept") == []

@@ -13,6 +13,7 @@ left behind.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -41,8 +42,9 @@ def _split(text: str) -> tuple[float, float, float]:
         parts = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--split wants three numbers like 90,5,5, got {text!r}") from None
-    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"--split wants three non-negative numbers like 90,5,5, got {text!r}")
+    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or not 0 < sum(parts) < math.inf:
+        raise argparse.ArgumentTypeError(f"--split wants three finite non-negative numbers, not all 0, like 90,5,5; "
+                                         f"got {text!r}")
     return parts
 
 
@@ -96,14 +98,38 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         parser.error("--workers must be >= 1")
 
 
+def _download_path(args: argparse.Namespace) -> str:
+    return args.input[0] if args.input else os.path.join(
+        os.path.dirname(os.path.abspath(args.output_prefix)), f"{CORPORA[args.dataset].name}.zip")
+
+
+def _new_folders(args: argparse.Namespace) -> list[str]:
+    """The folders this run would create (those on the way to its outputs that do not exist yet), deepest first."""
+    paths = [args.output_prefix or DEFAULT_PREFIX] + ([_download_path(args)] if args.download else [])
+    out: list[str] = []
+    for path in paths:
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder) and folder not in out:
+            out.append(folder)
+            folder = os.path.dirname(folder)
+    return sorted(out, key=lambda f: -f.count(os.sep))
+
+
+def _remove_empty(folders: list[str]) -> None:
+    for folder in folders:  # deepest first; rmdir removes only an empty folder: nothing else can be lost
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
 def run(args: argparse.Namespace) -> PreprocessResult:
     progress = not args.no_progress
     if args.dataset == "default":
         return preprocess_default(args.output_prefix or DEFAULT_PREFIX, args.overwrite, progress)
     if args.dataset in CORPORA:
         spec = CORPORA[args.dataset]
-        path = args.input[0] if args.input else os.path.join(
-            os.path.dirname(os.path.abspath(args.output_prefix)), f"{spec.name}.zip")
+        path = _download_path(args)
         if args.download:
             if os.path.exists(path):
                 print(f"{PROG}: {path} exists, not downloading it again", file=sys.stderr)
@@ -135,8 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(args, parser)
+    new_folders, done = _new_folders(args), False
     try:
         result = run(args)
+        done = True
     except DataError as e:
         parser.exit(1, f"{PROG}: error: {e}\n")
     except OSError as e:  # disk full, permission denied while writing, ...
@@ -144,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(1, f"{PROG}: error: {e.strerror or e}{where}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{PROG}: interrupted; nothing was written\n")
+    finally:
+        if not done:  # a failed run leaves no empty output folder of its own making behind
+            _remove_empty(new_folders)
     print(format_stats(result))
     return 0
 

@@ -7,6 +7,7 @@ Inputs are read as a stream of blocks, from the raw file or straight out of the 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import socket
 import sys
@@ -62,8 +63,9 @@ SPLIT_NAMES = ("train", "valid", "test")
 
 def split_bounds(total: int, weights: Sequence[float]) -> list[tuple[int, int]]:
     """Contiguous [start, end) ranges of ``total`` items in proportion to ``weights``."""
-    if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise DataError(f"split weights must be three non-negative numbers, got {list(weights)}")
+    # nan passes `w < 0`, and inf makes the proportions nan: both are refused as not finite.
+    if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or not 0 < sum(weights) < math.inf:
+        raise DataError(f"split weights must be three finite non-negative numbers, not all 0, got {list(weights)}")
     cum = [0.0]
     for w in weights:
         cum.append(cum[-1] + w)

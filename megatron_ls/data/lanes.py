@@ -24,7 +24,7 @@ import numpy as np
 from .corpora import SPLIT_NAMES
 from .errors import DataError
 from .indexed_dataset import MMapIndexedDataset
-from .shards import read_meta, split_prefix
+from .shards import meta_path, read_meta, split_prefix
 
 if TYPE_CHECKING:
     import torch
@@ -147,8 +147,13 @@ def load_split(prefix: str, split: str) -> tuple[np.ndarray, dict]:
     if split not in SPLIT_NAMES:
         raise DataError(f"unknown split {split!r} (expected one of {', '.join(SPLIT_NAMES)})")
     meta = read_meta(prefix)
+    try:
+        want = meta["splits"][split]["tokens"]
+        assert isinstance(want, int)
+    except (KeyError, TypeError, AssertionError):
+        raise DataError(f"{meta_path(prefix)}: no token count of the {split} split (\"splits\": {{\"{split}\": "
+                        "{\"tokens\": N}}); the metadata is damaged, run tools/preprocess_data.py again") from None
     ds = MMapIndexedDataset(split_prefix(prefix, split))
-    want = meta["splits"][split]["tokens"]
     if ds.num_tokens != want:
         raise DataError(
             f"{split_prefix(prefix, split)}.bin holds {ds.num_tokens:,} tokens, {prefix}.json says {want:,}"

@@ -45,6 +45,8 @@ def read_meta(prefix: str) -> dict:
         raise DataError(f"shard metadata not found: {path} (run tools/preprocess_data.py first)") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: not shard metadata (a JSON object)")
     if meta.get("format") != META_FORMAT:
         raise DataError(f"{path}: unknown shard metadata format {meta.get('format')!r}")
     return meta
