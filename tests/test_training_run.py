@@ -112,7 +112,7 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", ["no-data-path", "vocab", "chunk", "missing-ckpt", "ds-json", "save-is-file",
-                                  "save-holds-a-checkpoint", "beyond-train-iters", "token-ids"])
+                                  "save-holds-a-checkpoint", "beyond-train-iters", "token-ids", "tokenizer"])
 def test_bad_inputs_one_clear_message(data, reference, tmp_path, case):
     args = ["--data-path", data, *TINY, "--train-iters", "2"]
     if case == "no-data-path":
@@ -135,14 +135,19 @@ def test_bad_inputs_one_clear_message(data, reference, tmp_path, case):
         args, want = args + ["--save", reference], "already holds a checkpoint (iter_0000008) that this run would"
     elif case == "beyond-train-iters":
         args, want = args + ["--load", reference], "is at iteration 8, beyond --train-iters 2"
-    else:  # metadata that says the vocabulary is smaller than the ids in the shards
+    else:  # shards whose metadata says another vocabulary size / another tokenizer of the same size
         for name in os.listdir(os.path.dirname(data)):
             shutil.copy(os.path.join(os.path.dirname(data), name), tmp_path / name)
         prefix = str(tmp_path / os.path.basename(data))
         meta = json.load(open(prefix + ".json"))
-        meta["vocab_size"] = 100
+        if case == "token-ids":
+            meta["vocab_size"] = 100
+            want = "holds token id"
+        else:
+            meta["tokenizer"] = {"type": "sentencepiece", "vocab_size": 256, "model_sha256": "0" * 64}
+            args, want = args + ["--load", reference, "--train-iters", "9"], "was trained on another tokenizer"
         json.dump(meta, open(prefix + ".json", "w"))
-        args, want = ["--data-path", prefix, *args[2:]], "holds token id"
+        args = ["--data-path", prefix, *args[2:]]
     r = run(args, timeout=120)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr[-3000:]

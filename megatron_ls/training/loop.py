@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from megatron_ls.data import DataError, LaneDataset, load_split
+from megatron_ls.data.tokenizers import tokenizer_mismatch
 from megatron_ls.parallel.mpu import ParallelConfigError
 
 from . import checkpointing as ckpt
@@ -196,6 +197,10 @@ def train(argv: list[str] | None = None) -> int:
     elif resume:
         path, info = ckpt.locate_checkpoint(args.load)
         ckpt.check_compatible(info, config.to_dict(), run, False, path)
+        differ = tokenizer_mismatch(info.get("tokenizer"), args.tokenizer)
+        if differ:
+            raise ckpt.CheckpointError(f"checkpoint {path} was trained on another tokenizer than "
+                                       f"{args.data_path}'s ({differ})")
         if int(info["iteration"]) > args.train_iters:
             raise ConfigError(f"checkpoint {path} is at iteration {info['iteration']}, beyond --train-iters "
                               f"{args.train_iters}: raise --train-iters to train on (or --finetune to start a new "
