@@ -129,7 +129,7 @@ def test_bad_inputs_one_clear_message(data, reference, tmp_path, case):
         args, want = args + ["--deepspeed_config", str(cfg)], "--global-batch-size 4 contradicts train_batch_size = 64"
     elif case == "save-is-file":
         (tmp_path / "f").write_text("x")
-        args, want = args + ["--save", str(tmp_path / "f")], "is a file, not a folder"
+        args, want = args + ["--save", str(tmp_path / "f")], "it is a file, not a folder"
     elif case == "save-holds-a-checkpoint":  # another run's checkpoint, not resumed: refused, left as it was
         before = sorted(os.listdir(reference))
         args, want = args + ["--save", reference], "already holds a checkpoint (iter_0000008) that this run would"

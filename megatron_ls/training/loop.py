@@ -119,17 +119,15 @@ def _run_info(args: argparse.Namespace, config: Any) -> dict[str, Any]:
 def _check_outputs(args: argparse.Namespace) -> None:
     """Folders this run writes: creatable and writable now (not after the model is built), and --save not
     holding another run's checkpoints that this run would overwrite."""
+    from megatron_ls.inference.errors import InferenceError
+    from megatron_ls.inference.output_check import check_writable
+
     for flag, path in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir)):
-        if not path:
-            continue
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise ConfigError(f"{flag} {path} is a file, not a folder")
         try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"{flag} {path}: cannot create the folder ({e.strerror})") from None
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"{flag} {path}: the folder is not writable")
+            if path:
+                check_writable(path, flag, folder=True)
+        except InferenceError as e:
+            raise ConfigError(str(e)) from None
     if not args.save or not ckpt.has_checkpoint(args.save):
         return
     if not (args.load and not args.finetune and os.path.realpath(args.load) == os.path.realpath(args.save)):
