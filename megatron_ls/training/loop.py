@@ -1,4 +1,4 @@
-"""pretrain_char_lm.py's body: set up, (re)load, train, evaluate, save.
+"""pretrain_char_lm.py's body: set up (training/startup.py), train, evaluate, save.
 
 Order matters for failing cleanly: everything that reads only the arguments and the shard files
 (identical on every rank) is checked before torch.distributed starts, so a bad input stops every
@@ -13,20 +13,20 @@ import os
 import time
 from typing import Any
 
-from megatron_ls.data import DataError, LaneDataset, load_split
-from megatron_ls.data.tokenizers import tokenizer_mismatch
+from megatron_ls.data import DataError, LaneDataset
 from megatron_ls.parallel.mpu import ParallelConfigError
 
 from . import checkpointing as ckpt
 from .arguments import finalize_args, parse_args
 from .collectives import agree, barrier, shutdown
 from .ds_config import build_ds_config, write_ds_config
-from .errors import ConfigError, TrainingError
+from .errors import TrainingError
 from .evaluation import evaluate
 from .finetune import read_source
 from .logging import TrainingLogger, error_line, print_rank0
 from .memory_check import check_memory
 from .signals import StopSignals
+from .startup import check_outputs, lanes, load_data, model_config, run_info_of, should_resume, start_state
 
 USER_ERRORS = (TrainingError, DataError, ParallelConfigError)
 
@@ -45,110 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
 
 
-# ---- setup ----------------------------------------------------------------------------------
-def _load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
-    train_tokens, meta = load_split(args.data_path, "train")
-    valid_tokens = None
-    if args.eval_iters != 0:
-        valid_tokens, _ = load_split(args.data_path, "valid")
-    for split, tokens in (("train", train_tokens), ("valid", valid_tokens)):
-        # One pass over the memory map (a fraction of a second for enwik8): an id past the vocabulary would
-        # otherwise surface as an index error inside the embedding, mid-training.
-        if tokens is not None and len(tokens) and int(tokens.max()) >= int(meta["vocab_size"]):
-            raise DataError(f"{args.data_path}_{split} holds token id {int(tokens.max())} but {args.data_path}.json "
-                            f"says the vocabulary has {meta['vocab_size']} ids: the shards and their metadata do not "
-                            "belong together")
-    return train_tokens, valid_tokens, meta
-
-
-def _model_config(args: argparse.Namespace, meta: dict):
-    from megatron_ls.model import TransformerLSConfig
-
-    shard_vocab = int(meta["vocab_size"])
-    model = dict(args.model)
-    want = model.get("vocab_size")
-    if want is not None and want != shard_vocab:
-        source = "--vocab-size" if "vocab_size" in args.explicit else f"--preset {args.preset}"
-        tok = meta.get("tokenizer", {}).get("type", "?")
-        raise ConfigError(f"the shards {args.data_path}_* have a vocabulary of {shard_vocab} ({tok} tokenizer, "
-                          f"{args.data_path}.json) but the model's is {want} ({source})")
-    model["vocab_size"] = shard_vocab
-    args.model = model
-    try:
-        return TransformerLSConfig(**model, seq_length=args.seq_length)
-    except ValueError as e:
-        raise ConfigError(f"model configuration: {e}") from None
-
-
-def _lanes(tokens: Any, args: argparse.Namespace, dp_rank: int, dp: int, split: str) -> LaneDataset:
-    """Training drops each lane's tail shorter than a segment; evaluation reads every lane to its end (the last,
-    shorter segment is padded to whole chunks by the engine and only its real targets are scored)."""
-    try:
-        return LaneDataset(tokens, args.global_batch_size, args.seq_length, dp_rank, dp, drop_last=split == "train")
-    except ValueError as e:
-        raise DataError(f"{args.data_path}_{split} is too short for --global-batch-size {args.global_batch_size} "
-                        f"x --seq-length {args.seq_length}: {e}") from None
-
-
-def _restore_local_state(path: str, train_data: LaneDataset, engine: Any) -> None:
-    """This rank's lane position, memory cache and RNG states from a verified checkpoint."""
-    local = ckpt.load_local_state(path)
-    try:
-        train_data.load_state_dict(local["data"])
-    except ValueError as e:
-        raise ckpt.CheckpointError(f"checkpoint {path}: its lane position does not fit this data: {e}") from None
-    try:
-        engine.load_memory_state_dict(local["memory"])
-    except ValueError as e:
-        raise ckpt.CheckpointError(f"checkpoint {path}: its memory cache does not fit this run: {e}") from None
-    ckpt.set_rng_state(local["rng"])
-
-
-def _run_info(args: argparse.Namespace, config: Any) -> dict[str, Any]:
-    run = {k: v for k, v in vars(args).items() if k not in ("explicit", "model") and not k.startswith("_")}
-    return {
-        "model": config.to_dict(),
-        "run": run,
-        "layout": {"tensor_model_parallel_size": args.tensor_model_parallel_size,
-                   "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
-                   "data_parallel_size": args.data_parallel_size},
-        "tokenizer": args.tokenizer,
-    }
-
-
-def _check_outputs(args: argparse.Namespace) -> None:
-    """Folders this run writes: creatable and writable now (not after the model is built), and --save not
-    holding another run's checkpoints that this run would overwrite."""
-    from megatron_ls.inference.errors import InferenceError
-    from megatron_ls.inference.output_check import check_writable
-
-    for flag, path in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir)):
-        try:
-            if path:
-                check_writable(path, flag, folder=True)
-        except InferenceError as e:
-            raise ConfigError(str(e)) from None
-    if not args.save or not ckpt.has_checkpoint(args.save):
-        return
-    if not (args.load and not args.finetune and os.path.realpath(args.load) == os.path.realpath(args.save)):
-        with open(os.path.join(args.save, ckpt.LATEST)) as f:
-            tag = f.read().strip()
-        raise ConfigError(f"--save {args.save} already holds a checkpoint ({tag}) that this run would overwrite: "
-                          f"to continue that run pass --load {args.save} (without --finetune); to start over, "
-                          "delete it or choose another --save folder")
-
-
-def _should_resume(args: argparse.Namespace) -> bool:
-    """--load with --save pointing to the same place and no checkpoint yet is a fresh start of a resumable run."""
-    if not args.load:
-        return False
-    if (not args.finetune and not ckpt.has_checkpoint(args.load) and args.save
-            and os.path.realpath(args.load) == os.path.realpath(args.save)):
-        print_rank0(f"no checkpoint in {args.load} yet: starting from scratch")
-        return False
-    return True
-
-
 # ---- the run --------------------------------------------------------------------------------
 def train(argv: list[str] | None = None) -> int:
     from .distributed import init_distributed, world_from_env
@@ -156,16 +52,16 @@ def train(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world, rank, _ = world_from_env()
     finalize_args(args, world_size=world)
-    _check_outputs(args)
-    train_tokens, valid_tokens, meta = _load_data(args)
+    check_outputs(args)
+    train_tokens, valid_tokens, meta = load_data(args)
     args.tokenizer = meta.get("tokenizer")
-    config = _model_config(args, meta)
+    config = model_config(args, meta)
     on_cpu = os.environ.get("DS_ACCELERATOR", "") == "cpu" or not _cuda_available()
     ds_config = build_ds_config(args, on_cpu=on_cpu)
     # Lane datasets validate sizes before any process waits on another.
-    _lanes(train_tokens, args, 0, args.data_parallel_size, "train")
+    lanes(train_tokens, args, 0, args.data_parallel_size, "train")
     if valid_tokens is not None:
-        _lanes(valid_tokens, args, 0, args.data_parallel_size, "valid")
+        lanes(valid_tokens, args, 0, args.data_parallel_size, "valid")
 
     _quiet_deepspeed()
     if on_cpu:
@@ -177,36 +73,17 @@ def train(argv: list[str] | None = None) -> int:
     print_rank0(estimate.line(device_bytes))
     from .engine import build_engine
 
-    train_data = _lanes(train_tokens, args, layout.dp_rank, layout.dp, "train")
-    run_info = _run_info(args, config)
+    train_data = lanes(train_tokens, args, layout.dp_rank, layout.dp, "train")
+    run_info = run_info_of(args, config)
     run = run_info["run"] | run_info["layout"] | {"world_size": world}
-    resume = _should_resume(args)
+    resume = should_resume(args)
     source = read_source(args.load, config, run, args.tokenizer) if resume and args.finetune else None
     engine = build_engine(config, ds_config, layout, seed=args.seed,
                           checkpoint_activations=args.checkpoint_activations,
                           recompute_attention=args.recompute_attention,
                           initial_weights=source.weights if source else None)
 
-    iteration = 0
-    if source is not None:
-        if source.weights is None:  # another tool's DeepSpeed checkpoint: DeepSpeed reads its module weights
-            ckpt.load_engine_state(engine, source.path, finetune=True)
-        print_rank0(f"loaded the weights of {source.path} (--finetune: fresh optimizer, schedule, data and memory)")
-    elif resume:
-        path, info = ckpt.locate_checkpoint(args.load)
-        ckpt.check_compatible(info, config.to_dict(), run, False, path)
-        differ = tokenizer_mismatch(info.get("tokenizer"), args.tokenizer)
-        if differ:
-            raise ckpt.CheckpointError(f"checkpoint {path} was trained on another tokenizer than "
-                                       f"{args.data_path}'s ({differ})")
-        if int(info["iteration"]) > args.train_iters:
-            raise ConfigError(f"checkpoint {path} is at iteration {info['iteration']}, beyond --train-iters "
-                              f"{args.train_iters}: raise --train-iters to train on (or --finetune to start a new "
-                              "phase from its weights)")
-        ckpt.load_engine_state(engine, path, finetune=False)
-        ckpt.agree_on_checkpoint(lambda: _restore_local_state(path, train_data, engine), "restoring the run state")
-        iteration = int(info["iteration"])
-        print_rank0(f"resumed from {path} at iteration {iteration}")
+    iteration = start_state(args, config, run, resume, source, engine, train_data)
 
     if rank == 0 and args.save:
         os.makedirs(args.save, exist_ok=True)
@@ -216,7 +93,7 @@ def train(argv: list[str] | None = None) -> int:
     _banner(logger, args, config, engine, layout, meta)
 
     def make_valid() -> LaneDataset:
-        return _lanes(valid_tokens, args, layout.dp_rank, layout.dp, "valid")
+        return lanes(valid_tokens, args, layout.dp_rank, layout.dp, "valid")
 
     def save(it: int) -> None:
         local = {"data": train_data.state_dict(), "memory": engine.memory_state_dict(), "rng": ckpt.rng_state()}

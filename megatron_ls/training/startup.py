@@ -1,0 +1,147 @@
+"""Start-up of a training run: data and model config from the flags and the shards, output folders, and the
+state to start from (fresh, --finetune or an exact resume)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from megatron_ls.data import DataError, LaneDataset, load_split
+from megatron_ls.data.tokenizers import tokenizer_mismatch
+
+from . import checkpointing as ckpt
+from .errors import ConfigError
+from .finetune import FinetuneSource
+from .logging import print_rank0
+
+
+def load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
+    train_tokens, meta = load_split(args.data_path, "train")
+    valid_tokens = None
+    if args.eval_iters != 0:
+        valid_tokens, _ = load_split(args.data_path, "valid")
+    for split, tokens in (("train", train_tokens), ("valid", valid_tokens)):
+        # One pass over the memory map (a fraction of a second for enwik8): an id past the vocabulary would
+        # otherwise surface as an index error inside the embedding, mid-training.
+        if tokens is not None and len(tokens) and int(tokens.max()) >= int(meta["vocab_size"]):
+            raise DataError(f"{args.data_path}_{split} holds token id {int(tokens.max())} but {args.data_path}.json "
+                            f"says the vocabulary has {meta['vocab_size']} ids: the shards and their metadata do not "
+                            "belong together")
+    return train_tokens, valid_tokens, meta
+
+
+def model_config(args: argparse.Namespace, meta: dict) -> Any:
+    from megatron_ls.model import TransformerLSConfig
+
+    shard_vocab = int(meta["vocab_size"])
+    model = dict(args.model)
+    want = model.get("vocab_size")
+    if want is not None and want != shard_vocab:
+        source = "--vocab-size" if "vocab_size" in args.explicit else f"--preset {args.preset}"
+        tok = meta.get("tokenizer", {}).get("type", "?")
+        raise ConfigError(f"the shards {args.data_path}_* have a vocabulary of {shard_vocab} ({tok} tokenizer, "
+                          f"{args.data_path}.json) but the model's is {want} ({source})")
+    model["vocab_size"] = shard_vocab
+    args.model = model
+    try:
+        return TransformerLSConfig(**model, seq_length=args.seq_length)
+    except ValueError as e:
+        raise ConfigError(f"model configuration: {e}") from None
+
+
+def lanes(tokens: Any, args: argparse.Namespace, dp_rank: int, dp: int, split: str) -> LaneDataset:
+    """Training drops each lane's tail shorter than a segment; evaluation reads every lane to its end (the last,
+    shorter segment is padded to whole chunks by the engine and only its real targets are scored)."""
+    try:
+        return LaneDataset(tokens, args.global_batch_size, args.seq_length, dp_rank, dp, drop_last=split == "train")
+    except ValueError as e:
+        raise DataError(f"{args.data_path}_{split} is too short for --global-batch-size {args.global_batch_size} "
+                        f"x --seq-length {args.seq_length}: {e}") from None
+
+
+def _restore_local_state(path: str, train_data: LaneDataset, engine: Any) -> None:
+    """This rank's lane position, memory cache and RNG states from a verified checkpoint."""
+    local = ckpt.load_local_state(path)
+    try:
+        train_data.load_state_dict(local["data"])
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"checkpoint {path}: its lane position does not fit this data: {e}") from None
+    try:
+        engine.load_memory_state_dict(local["memory"])
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"checkpoint {path}: its memory cache does not fit this run: {e}") from None
+    ckpt.set_rng_state(local["rng"])
+
+
+def run_info_of(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    run = {k: v for k, v in vars(args).items() if k not in ("explicit", "model") and not k.startswith("_")}
+    return {
+        "model": config.to_dict(),
+        "run": run,
+        "layout": {"tensor_model_parallel_size": args.tensor_model_parallel_size,
+                   "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+                   "data_parallel_size": args.data_parallel_size},
+        "tokenizer": args.tokenizer,
+    }
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Folders this run writes: creatable and writable now (not after the model is built), and --save not
+    holding another run's checkpoints that this run would overwrite."""
+    from megatron_ls.inference.errors import InferenceError
+    from megatron_ls.inference.output_check import check_writable
+
+    for flag, path in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir)):
+        try:
+            if path:
+                check_writable(path, flag, folder=True)
+        except InferenceError as e:
+            raise ConfigError(str(e)) from None
+    if not args.save or not ckpt.has_checkpoint(args.save):
+        return
+    if not (args.load and not args.finetune and os.path.realpath(args.load) == os.path.realpath(args.save)):
+        with open(os.path.join(args.save, ckpt.LATEST)) as f:
+            tag = f.read().strip()
+        raise ConfigError(f"--save {args.save} already holds a checkpoint ({tag}) that this run would overwrite: "
+                          f"to continue that run pass --load {args.save} (without --finetune); to start over, "
+                          "delete it or choose another --save folder")
+
+
+def should_resume(args: argparse.Namespace) -> bool:
+    """--load with --save pointing to the same place and no checkpoint yet is a fresh start of a resumable run."""
+    if not args.load:
+        return False
+    if (not args.finetune and not ckpt.has_checkpoint(args.load) and args.save
+            and os.path.realpath(args.load) == os.path.realpath(args.save)):
+        print_rank0(f"no checkpoint in {args.load} yet: starting from scratch")
+        return False
+    return True
+
+
+def start_state(args: argparse.Namespace, config: Any, run: dict[str, Any], resume: bool,
+                source: FinetuneSource | None, engine: Any, train_data: LaneDataset) -> int:
+    """Collective. The iteration to start from: 0 for a fresh run or a --finetune (whose weights the engine was
+    built with, or DeepSpeed reads now for another tool's checkpoint); the checkpoint's on a resume, with the
+    engine's state, the lane position, the memory and the RNG restored."""
+    iteration = 0
+    if source is not None:
+        if source.weights is None:  # another tool's DeepSpeed checkpoint: DeepSpeed reads its module weights
+            ckpt.load_engine_state(engine, source.path, finetune=True)
+        print_rank0(f"loaded the weights of {source.path} (--finetune: fresh optimizer, schedule, data and memory)")
+    elif resume:
+        path, info = ckpt.locate_checkpoint(args.load)
+        ckpt.check_compatible(info, config.to_dict(), run, False, path)
+        differ = tokenizer_mismatch(info.get("tokenizer"), args.tokenizer)
+        if differ:
+            raise ckpt.CheckpointError(f"checkpoint {path} was trained on another tokenizer than "
+                                       f"{args.data_path}'s ({differ})")
+        if int(info["iteration"]) > args.train_iters:
+            raise ConfigError(f"checkpoint {path} is at iteration {info['iteration']}, beyond --train-iters "
+                              f"{args.train_iters}: raise --train-iters to train on (or --finetune to start a new "
+                              "phase from its weights)")
+        ckpt.load_engine_state(engine, path, finetune=False)
+        ckpt.agree_on_checkpoint(lambda: _restore_local_state(path, train_data, engine), "restoring the run state")
+        iteration = int(info["iteration"])
+        print_rank0(f"resumed from {path} at iteration {iteration}")
+    return iteration
