@@ -91,10 +91,37 @@ def measure_slice(config: TransformerLSConfig, layers: int, seq: int, mem: int, 
             loss, _ = model(tokens, memory, labels=tokens)
         measured, estimated = sum(seen.values()), est.activations
         what = "bytes saved for the backward (activations)"
-    return {"layers": layers, "seq_length": seq, "mem_length": mem, "micro_batch_size": micro, "precision": precision,
-            "attention_impl": impl, "device": device.type, "what": what, "measured_bytes": int(measured),
-            "estimated_bytes": int(estimated), "ratio": estimated / max(measured, 1),
-            "seconds": time.perf_counter() - t0}
+        del loss
+        peak = cpu_peak_bytes(lambda: model(tokens, memory, labels=tokens)[0].mean().backward())
+        peak_estimated = est.params + est.activations + est.memory_cache // 2 + est.workspace
+    result = {"layers": layers, "seq_length": seq, "mem_length": mem, "micro_batch_size": micro,
+              "precision": precision, "attention_impl": impl, "device": device.type, "what": what,
+              "measured_bytes": int(measured), "estimated_bytes": int(estimated),
+              "ratio": estimated / max(measured, 1), "seconds": time.perf_counter() - t0}
+    if device.type == "cpu":
+        result.update(profiler_peak_bytes=int(peak), profiler_peak_estimated=int(peak_estimated),
+                      profiler_ratio=peak_estimated / max(peak, 1))
+    return result
+
+
+def cpu_peak_bytes(step) -> int:
+    """Peak of the bytes the CPU allocator holds during `step`, beyond what it held before (torch.profiler's
+    memory events: each carries the running total of allocated bytes)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
+    return max(totals, default=0)
 
 
 def main() -> int:
@@ -154,6 +181,11 @@ def main() -> int:
               f"{measured['precision']}, {measured['attention_impl']}): {measured['what']}: "
               f"{measured['measured_bytes'] / GiB:.3f} GiB measured, {measured['estimated_bytes'] / GiB:.3f} GiB "
               f"estimated (ratio {measured['ratio']:.3f})")
+        if "profiler_peak_bytes" in measured:
+            print(f"  peak allocated during forward+backward (torch.profiler, weights and memory excluded): "
+                  f"{measured['profiler_peak_bytes'] / GiB:.3f} GiB measured, "
+                  f"{measured['profiler_peak_estimated'] / GiB:.3f} GiB estimated "
+                  f"(ratio {measured['profiler_ratio']:.3f})")
 
     out = a.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"memory-{a.preset}-N{a.seq_length}.json")
