@@ -278,3 +278,22 @@ def test_skip_memory_check_runs_anyway(data):
     result = tu.run(_run_args(data) + ["--device-memory-gib", "0.0001", "--skip-memory-check"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "memory estimate per rank" in result.stdout and "of 0.1 MiB" in result.stdout
+
+
+def test_cpu_profiler_peak_sees_a_known_allocation():
+    """bench/memory.py's CPU peak: a 64 MiB tensor held while 16 MiB more come and go peaks at 80 MiB."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_memory", os.path.join(tu.ROOT, "bench", "memory.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def step() -> None:
+        held = torch.empty(16 * 2**20)  # 64 MiB of fp32
+        for _ in range(3):
+            torch.empty(4 * 2**20).fill_(1.0)  # 16 MiB, freed at once
+        del held
+
+    peak = bench.cpu_peak_bytes(step)
+    assert 80 * 2**20 <= peak < 81 * 2**20, peak / 2**20
+
