@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Build DeepSpeed's one JIT op used on CPU (the shared-memory collectives, about a minute on 2 cores)
-# once, before any test starts: a test timeout that killed a build half-way would leave a `lock` file
-# in TORCH_EXTENSIONS_DIR that blocks every later build. Sourced env: scripts/env.sh.
+# once, before any test starts, so that no test's timeout falls inside a build. Sourced env: scripts/env.sh.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/env.sh"
-# A build takes about a minute: a lock older than 15 minutes was left by a killed build.
-[ -d "$TORCH_EXTENSIONS_DIR" ] && find "$TORCH_EXTENSIONS_DIR" -name lock -type f -mmin +15 -delete
+# Under the same guard as training (megatron_ls/training/op_build_guard.py): a `lock` left by a killed build
+# is removed, one held by a live build of ours is waited for.
+cd "$here/.."
 python - <<'PY'
-import deepspeed
-from deepspeed.comm.torch import build_shm_op
-build_shm_op()
+from megatron_ls.training.op_build_guard import load_shm_op_guarded
+load_shm_op_guarded()
+print("DeepSpeed's CPU op is built")
 PY

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_ls.parallel import mpu
 from megatron_ls.parallel.mpu import ParallelConfigError, check_parallel_sizes
+from megatron_ls.training.op_build_guard import load_shm_op_guarded
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ def init_distributed(tp: int = 1, pp: int = 1, config=None, timeout_s: float | N
             os.environ.setdefault(name, str(value))
         if world == 1:
             _default_master()
+    if not _use_cuda():
+        load_shm_op_guarded()  # a `lock` left by a killed start would make DeepSpeed's own load wait forever
     kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
     if dist.get_world_size() != world:
