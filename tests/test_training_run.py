@@ -111,6 +111,17 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_sigterm_during_the_final_evaluation_saves_and_exits_zero(data, tmp_path):
+    save = str(tmp_path / "ck")
+    r = run(["--data-path", data, *TINY, "--train-iters", "2", "--eval-interval", "0", "--eval-iters", "-1",
+             "--save", save], extra_env={"MEGATRON_LS_TEST_SIGTERM_IN_EVAL": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "received SIGTERM at the end of training: stopped at iteration 2 after saving iter_0000002" in r.stdout
+    assert open(os.path.join(save, "latest")).read().strip() == "iter_0000002"
+    assert not any("valid_loss" in m for m in metrics(save))  # the interrupted evaluation is not reported
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", ["no-data-path", "vocab", "chunk", "missing-ckpt", "ds-json", "save-is-file",
                                   "save-holds-a-checkpoint", "beyond-train-iters", "token-ids", "tokenizer"])
 def test_bad_inputs_one_clear_message(data, reference, tmp_path, case):

@@ -7,10 +7,16 @@ training memory ("eval" / "train" streams), so training continues exactly as wit
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from megatron_ls.data import LaneDataset
+
+# Test hook only: this process sends itself SIGTERM at each evaluation step.
+SIGNAL_ENV = "MEGATRON_LS_TEST_SIGTERM_IN_EVAL"
 
 
 def eval_steps(dataset: LaneDataset, eval_iters: int) -> int:
@@ -18,14 +24,20 @@ def eval_steps(dataset: LaneDataset, eval_iters: int) -> int:
     return dataset.steps_per_epoch if eval_iters < 0 else min(eval_iters, dataset.steps_per_epoch)
 
 
-def evaluate(engine: Any, make_dataset: Any, eval_iters: int) -> tuple[float, int, float]:
-    """(mean nats/token over all ranks' lanes, tokens counted, seconds)."""
+def evaluate(engine: Any, make_dataset: Any, eval_iters: int,
+             stop: Callable[[], bool] | None = None) -> tuple[float, int, float] | None:
+    """(mean nats/token over all ranks' lanes, tokens counted, seconds); None when `stop` (asked before each
+    step, agreed across ranks) says a stop signal came: the save that follows must not wait for a long pass."""
     t0 = time.monotonic()
     dataset: LaneDataset = make_dataset()
     engine.reset_memory("eval")
     total, count = 0.0, 0
     try:
         for _ in range(eval_steps(dataset, eval_iters)):
+            if os.environ.get(SIGNAL_ENV):  # test hook: a SIGTERM arriving during an evaluation
+                os.kill(os.getpid(), signal.SIGTERM)
+            if stop is not None and stop():
+                return None
             inputs, targets = dataset.next_batch()
             nats, n = engine.eval_step(inputs, targets)
             total += float(nats)

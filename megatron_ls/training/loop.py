@@ -143,9 +143,10 @@ def train(argv: list[str] | None = None) -> int:
                 interval_start = time.monotonic()
             if (valid_tokens is not None and args.eval_interval and iteration % args.eval_interval == 0
                     and iteration < args.train_iters):
-                loss_v, n, secs = evaluate(engine, make_valid, args.eval_iters)
-                logger.log_eval(iteration, loss_v, n, secs)
-                interval_start += secs
+                result = evaluate(engine, make_valid, args.eval_iters, stop=signals.stop_requested)
+                if result is not None:  # None: a stop signal came during it; the save below follows at once
+                    logger.log_eval(iteration, *result)
+                    interval_start += result[2]
             stop = signals.stop_requested()
             exit_now = args.exit_interval is not None and iteration % args.exit_interval == 0
             if args.save and (stop or exit_now or (args.save_interval and iteration % args.save_interval == 0)):
@@ -157,16 +158,21 @@ def train(argv: list[str] | None = None) -> int:
                 stop_reason = (f"received {signals.name or 'a stop signal'}" if stop
                                else f"--exit-interval {args.exit_interval}")
                 break
+        if not stop_reason:
+            # Still under the handler: a signal during the final evaluation or save still ends saved, with exit 0.
+            result = (evaluate(engine, make_valid, args.eval_iters, stop=signals.stop_requested)
+                      if valid_tokens is not None else None)
+            if result is not None:
+                logger.log_eval(iteration, *result, final=True)
+            if args.save and last_saved != iteration:
+                save(iteration)
+            if signals.stop_requested():
+                stop_reason = f"received {signals.name or 'a stop signal'} at the end of training"
 
     if stop_reason:
         logger.print(f"{stop_reason}: stopped at iteration {iteration}"
                      + (f" after saving {ckpt.tag_name(iteration)}" if args.save else " (no --save: nothing saved)"))
     else:
-        if valid_tokens is not None:
-            loss_v, n, secs = evaluate(engine, make_valid, args.eval_iters)
-            logger.log_eval(iteration, loss_v, n, secs, final=True)
-        if args.save and last_saved != iteration:
-            save(iteration)
         logger.print(f"training done: {iteration} iterations in {time.monotonic() - logger.start_time:.1f} s")
     logger.close()
     barrier()
