@@ -64,9 +64,9 @@ def test_run_cli_turns_data_and_os_errors_into_one_line(capsys):
     def os_error():
         raise PermissionError(13, "Permission denied", "/sys/x")
 
-    assert run_cli(data_error) == 1
+    assert run_cli(data_error, "t") == 1
     assert _one_error_line(capsys) == "error: text8 ids must be in 0..26, got 1..254"
-    assert run_cli(os_error) == 1
+    assert run_cli(os_error, "t") == 1
     assert _one_error_line(capsys) == "error: Permission denied: /sys/x"
 
 

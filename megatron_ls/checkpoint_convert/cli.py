@@ -13,11 +13,13 @@ import torch
 
 from megatron_ls.inference.errors import InferenceError, run_cli
 
+PROG = "convert_checkpoint.py"
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="a training checkpoint folder (with 'latest') or a consolidated one")
     p.add_argument("--output", required=True, help="the folder to write")
@@ -82,4 +84,4 @@ def convert(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: print(convert(args)))
+    return run_cli(lambda: print(convert(args)), PROG)

@@ -7,7 +7,7 @@
     python tools/preprocess_data.py --dataset default        # embedded corpus, no --input
 
 Bad input ends with one line on stderr and exit status 1 (2 for bad arguments); nothing partial is
-left behind.
+left behind. So does Ctrl-C (130) or SIGTERM (143); one during the final renames waits for them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from megatron_ls.data.preprocess import (
     preprocess_text,
 )
 from megatron_ls.data.shards import meta_path, split_prefix
+from megatron_ls.tool_signals import Terminated, sigterm_raises, stop_line
 
 PROG = "preprocess_data"
 DEFAULT_PREFIX = os.path.join("data", "default", "pydoc")
@@ -163,15 +164,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_args(args, parser)
     new_folders, done = _new_folders(args), False
     try:
-        result = run(args)
+        with sigterm_raises():  # SIGTERM unwinds like Ctrl-C: the cleanup of the scratch files runs
+            result = run(args)
         done = True
     except DataError as e:
         parser.exit(1, f"{PROG}: error: {e}\n")
     except OSError as e:  # disk full, permission denied while writing, ...
         where = f": {e.filename}" if e.filename else ""
         parser.exit(1, f"{PROG}: error: {e.strerror or e}{where}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{PROG}: interrupted; nothing was written\n")
+    except (KeyboardInterrupt, Terminated) as e:
+        line, status = stop_line(PROG, e)
+        parser.exit(status, f"{line}{'' if getattr(e, 'published', False) else '; nothing was written'}\n")
     finally:
         if not done:  # a failed run leaves no empty output folder of its own making behind
             _remove_empty(new_folders)

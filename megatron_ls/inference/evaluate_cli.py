@@ -6,15 +6,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
 from megatron_ls.inference.errors import InferenceError, run_cli
+from megatron_ls.tool_signals import signal_hook
+
+PROG = "evaluate.py"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="consolidated checkpoint folder, or a training checkpoint")
     p.add_argument("--data-path", required=True, help="shard prefix P (P_test.bin/.idx and P.json)")
@@ -80,16 +84,28 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{args.split} bits per character: {result.bpc:.4f} ({result.tokens:,} tokens predicted, context "
           f"{args.context}, step {args.step}, {result.seconds:.1f} s)")
     if args.output:
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with open(args.output, "w") as f:
-                json.dump(out, f, indent=2)
-                f.write("\n")
-        except OSError as e:
-            raise InferenceError(f"cannot write --output {args.output}: {e.strerror or e}") from None
+        write_result(args.output, out)
     return out
+
+
+def write_result(path: str, result: dict) -> None:
+    """PATH as JSON, replaced whole: written beside it under a temporary name first, so a failure or a signal
+    leaves the previous file as it was (and no temporary one)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        signal_hook("evaluate_output")  # test hook: a signal before the new file is in place
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InferenceError(f"cannot write --output {path}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(args), PROG)

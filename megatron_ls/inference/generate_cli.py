@@ -20,9 +20,11 @@ import sys
 
 from megatron_ls.inference.errors import InferenceError, run_cli
 
+PROG = "generate.py"
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="generate.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="consolidated checkpoint folder (or a training checkpoint)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -125,4 +127,4 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(args), PROG)

@@ -1,0 +1,101 @@
+"""SIGINT / SIGTERM in the command-line tools (preprocess, convert, evaluate, generate).
+
+- ``sigterm_raises()``: SIGTERM raises ``Terminated``, as SIGINT raises KeyboardInterrupt, so every
+  ``finally`` / ``except BaseException`` cleanup runs (no temporary file is left behind);
+- ``uninterruptible()``: around a publish (the few renames that must all happen or none) SIGINT and
+  SIGTERM wait until it is done, then take effect with the new output complete;
+- ``stop_line()``: the one line and the exit status of a tool stopped by either;
+- ``signal_hook()``: a test hook that sends a signal at a named point (MEGATRON_LS_TEST_SIGNAL).
+
+Only the standard library: the tools import this before anything heavy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Test hook only: POINT:NAME, e.g. "publish:TERM" sends SIGTERM to this process at the point "publish".
+TEST_SIGNAL_ENV = "MEGATRON_LS_TEST_SIGNAL"
+
+
+class Terminated(BaseException):
+    """SIGTERM (a BaseException like KeyboardInterrupt: no ``except Exception`` swallows it)."""
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _restore(signum: int, handler: object) -> None:
+    # None: the handler was not set from Python; the default is the nearest thing.
+    signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not break the cleanup
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block SIGTERM raises Terminated (main thread only; elsewhere nothing changes)."""
+    if not _main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        _restore(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def uninterruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done, then take effect (keep the block short).
+
+    They are blocked for this thread, and in the main thread one that reaches another thread is
+    recorded rather than handled. When the block ends the first of them is delivered to the handler
+    it would have met; the exception that raises carries ``published = True`` when the block itself
+    completed (the output is whole: a tool can say so).
+    """
+    pending: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                for s in STOP_SIGNALS} if _main_thread() else {}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # one held back is recorded here
+        for s, handler in handlers.items():
+            _restore(s, handler)
+        if pending:
+            try:
+                signal.raise_signal(pending[0])
+            except BaseException as e:
+                e.published = done
+                raise
+
+
+def stop_line(prog: str, exc: BaseException) -> tuple[str, int]:
+    """(the line, the exit status) of a tool stopped by KeyboardInterrupt (130) or Terminated (143)."""
+    word, status = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+    if getattr(exc, "published", False):
+        word += " (after its output was written in full)"
+    return f"{prog}: {word}", status
+
+
+def signal_hook(point: str, pid: int | None = None) -> bool:
+    """Test hook only: with MEGATRON_LS_TEST_SIGNAL=POINT:NAME send SIGNAME to this process (or to ``pid``)
+    here. True when it fired."""
+    where, _, name = os.environ.get(TEST_SIGNAL_ENV, "").partition(":")
+    if where != point:
+        return False
+    os.kill(os.getpid() if pid is None else pid, getattr(signal, "SIG" + name))
+    return True
