@@ -9,14 +9,17 @@ load_checkpoint(load_module_only=True) reads them (ZeRO 0-2, any data-parallel s
 Beside them run_state.json (model config, tokenizer, layout) and manifest.json as
 megatron_ls.training.checkpointing writes them, and `latest` last. As in training, the tag is written
 as TAG.partial and renamed when complete (replacing an older TAG of that name whole, so no file of a
-previous layout survives), and a failure removes the partial folder. There is no optimizer state: a
-converted checkpoint starts a new phase (--finetune), it cannot be an exact resume.
+previous layout survives), and a failure removes the partial folder. SIGINT / SIGTERM wait for that
+rename and `latest`; a TAG.old<pid> that a killed run left is removed, or made TAG again when TAG is
+missing. There is no optimizer state: a converted checkpoint starts a new phase (--finetune), it cannot
+be an exact resume.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -25,6 +28,7 @@ import torch
 from megatron_ls.checkpoint_convert.tp_shards import split_tp
 from megatron_ls.inference.errors import InferenceError
 from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.tool_signals import signal_hook, uninterruptible
 from megatron_ls.training.checkpointing import PARTIAL, RUN_INFO, publish_tag, tag_name, write_latest, write_manifest
 
 
@@ -70,12 +74,26 @@ def write_training_checkpoint(out_dir: str, state: dict[str, torch.Tensor], conf
     try:
         _write_tag(path, shards, config, tokenizer, tp, pp, iteration, source)
         write_manifest(path, iteration, tag, tp * pp)
-        publish_tag(path, final)
+        with uninterruptible():  # TAG -> TAG.old, TAG.partial -> TAG, latest: all of it or none
+            _recover_old(final)
+            signal_hook("publish")  # test hook: a signal in the publish
+            publish_tag(path, final)
+            write_latest(out_dir, tag)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
-    write_latest(out_dir, tag)
     return final
+
+
+def _recover_old(final: str) -> None:
+    """TAG.old<pid> folders that an interrupted publish left (a kill between its two renames): removed when
+    TAG exists, else one of them is TAG again (the only copy of it), the others are removed after it."""
+    folder, tag = os.path.split(final)
+    olds = sorted(n for n in os.listdir(folder or ".") if re.fullmatch(re.escape(tag) + r"\.old\d+", n))
+    if olds and not os.path.exists(final):
+        os.replace(os.path.join(folder, olds.pop()), final)
+    for name in olds:
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def _write_tag(path: str, shards: list[dict[str, torch.Tensor]], config: TransformerLSConfig,

@@ -2,7 +2,8 @@
 
 ``ShardSet`` routes one token stream into the three splits (contiguous, in order) and makes the
 set appear all at once: everything is written under temporary names and renamed only when every
-file is complete, so an error or Ctrl-C leaves no partial shard. An existing output is refused
+file is complete, so an error or Ctrl-C leaves no partial shard, and SIGINT / SIGTERM wait for the
+renames (an overwrite never mixes two sets). An existing output is refused
 before anything is written unless ``overwrite``.
 """
 
@@ -13,6 +14,7 @@ import os
 
 import numpy as np
 
+from ..tool_signals import signal_hook, uninterruptible
 from .corpora import SPLIT_NAMES
 from .errors import DataError
 from .indexed_dataset import MMapIndexedDatasetBuilder, data_file_path, index_file_path
@@ -136,12 +138,15 @@ class ShardSet:
         with open(tmp_meta, "w") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
-        for builder in self.builders:
-            builder.commit()
-        for tmp, final in self._extras:
-            os.replace(tmp, final)
-        os.replace(tmp_meta, meta_path(self.prefix))
-        self._committed = True
+        with uninterruptible():  # SIGINT / SIGTERM wait: the old set or the new one, never a mix
+            for i, builder in enumerate(self.builders):
+                builder.commit()
+                if i == 0:
+                    signal_hook("publish")  # test hook: a signal between two renames
+            for tmp, final in self._extras:
+                os.replace(tmp, final)
+            os.replace(tmp_meta, meta_path(self.prefix))
+            self._committed = True
         self._cleanup()
         return meta
 
@@ -160,7 +165,9 @@ class ShardSet:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._committed:
+        if self._committed:
+            self._cleanup()  # the scratch files, also when a signal held back by commit() ends the run there
+        else:
             self.abort()
 
 

@@ -21,6 +21,7 @@ import torch
 from megatron_ls.inference.errors import InferenceError
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM
+from megatron_ls.tool_signals import signal_hook, uninterruptible
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 SP_MODEL = "tokenizer.model"  # a sentencepiece model, copied beside tokenizer.json
@@ -42,7 +43,8 @@ def save_consolidated(out_dir: str, state_dict: dict[str, torch.Tensor], config:
 
     Every input is checked before anything is written; the files are written under temporary names and
     renamed into place at the end (config.json last), so a failure leaves no half-written checkpoint, and
-    an overwrite leaves no tokenizer file of the previous model behind.
+    an overwrite leaves no tokenizer file of the previous model behind. SIGINT / SIGTERM wait for the
+    renames: the folder holds the old checkpoint or the new one, never a mix.
     """
     from safetensors.torch import save_file
 
@@ -70,17 +72,19 @@ def save_consolidated(out_dir: str, state_dict: dict[str, torch.Tensor], config:
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
                   os.path.join(out_dir, WEIGHTS) + suffix, metadata={"format": "pt", "model": "TransformerLSLM"})
         _write_json(os.path.join(out_dir, CONFIG) + suffix, config.to_dict())
-    except BaseException:
+        with uninterruptible():  # no signal leaves a mix of the old and the new files
+            for name in (SP_MODEL, TOKENIZER):  # the previous model's tokenizer, if this one has none
+                if name not in dict(files):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(out_dir, name))
+            for i, (_, final) in enumerate(files):
+                os.replace(final + suffix, final)
+                if i == 0:
+                    signal_hook("publish")  # test hook: a signal between two renames
+    finally:  # nothing is left under a temporary name, whatever happened
         for _, final in files:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(final + suffix)
-        raise
-    for name in (SP_MODEL, TOKENIZER):  # the previous model's tokenizer, if this one has none
-        if name not in dict(files):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out_dir, name))
-    for _, final in files:
-        os.replace(final + suffix, final)
 
 
 def check_weights(state_dict: dict[str, torch.Tensor], config: TransformerLSConfig, where: str) -> None:
