@@ -144,11 +144,59 @@ def train_sentencepiece(
     Settings chosen so that decode(encode(text)) == text: identity normalisation, no dummy
     prefix, whitespace kept, and byte fallback for characters the model has not seen (so
     ``vocab_size`` must leave room for the 256 byte pieces plus the special ones).
-    """
-    import sentencepiece as spm
 
+    The training runs in a child process: the C++ call holds the interpreter for as long as it
+    trains, and Ctrl-C or SIGTERM must stop this process at once. When one arrives the child is
+    killed and the exception goes on (the caller removes what the child wrote).
+    """
     if vocab_size < 256 + 4:
         raise DataError(f"--vocab-size {vocab_size} too small: byte fallback needs at least 260")
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    reader, writer = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_train_child, daemon=True, name="sentencepiece-training",
+                        args=(writer, list(files), model_prefix, vocab_size, model_type, num_threads,
+                              input_sentence_size))
+    try:
+        child.start()
+        writer.close()
+        child.join()  # a signal's exception comes out of here at once
+        error = reader.recv() if reader.poll() else f"the training process ended with exit code {child.exitcode}"
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+        reader.close()
+        writer.close()
+    if error is not None:
+        raise DataError(f"sentencepiece training failed: {error}")
+    return model_prefix + ".model"
+
+
+def _train_child(conn, files: list[str], model_prefix: str, vocab_size: int, model_type: str, num_threads: int,
+                 input_sentence_size: int) -> None:
+    """The child of train_sentencepiece: sends None when done, else the first line of the error."""
+    import signal
+
+    from megatron_ls.tool_signals import signal_hook
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent handles it
+    if signal_hook("sp_train", os.getppid()):  # test hook: the parent is signalled during a long training
+        import time
+
+        time.sleep(60)
+    try:
+        _train_here(files, model_prefix, vocab_size, model_type, num_threads, input_sentence_size)
+        conn.send(None)
+    except Exception as e:  # noqa: BLE001 - whatever it is, the parent reports it in one line
+        conn.send(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _train_here(files: Sequence[str], model_prefix: str, vocab_size: int, model_type: str, num_threads: int,
+                input_sentence_size: int) -> None:
+    import sentencepiece as spm
+
     from .text_pieces import MAX_PIECE_CHARS, iter_text_pieces
 
     def sentences() -> Iterator[str]:
@@ -160,30 +208,25 @@ def train_sentencepiece(
                     if piece := piece.rstrip("\r\n"):
                         yield piece
 
-    try:
-        spm.SentencePieceTrainer.Train(
-            sentence_iterator=sentences(),
-            max_sentence_length=4 * MAX_PIECE_CHARS,
-            model_prefix=model_prefix,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=0.9995,  # rarer characters go through byte fallback
-            byte_fallback=True,
-            normalization_rule_name="identity",
-            add_dummy_prefix=False,
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            hard_vocab_limit=False,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            num_threads=max(num_threads, 1),
-            minloglevel=2,
-        )
-    except (OSError, RuntimeError) as e:
-        raise DataError(f"sentencepiece training failed: {str(e).splitlines()[0]}") from None
-    return model_prefix + ".model"
-
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=sentences(),
+        max_sentence_length=4 * MAX_PIECE_CHARS,
+        model_prefix=model_prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=0.9995,  # rarer characters go through byte fallback
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        hard_vocab_limit=False,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        num_threads=max(num_threads, 1),
+        minloglevel=2,
+    )
 
 Tokenizer = ByteTokenizer | Text8Tokenizer | SentencePieceTokenizer
 
