@@ -10,6 +10,7 @@
 """
 
 import os
+import signal
 import sys
 
 try:
@@ -17,7 +18,21 @@ try:
 except ImportError:  # a checkout that was not pip-installed
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from megatron_ls.training.loop import main
+
+def _stopped(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM while torch and DeepSpeed load (seconds), before main() installs its own handlers."""
+    print(f"pretrain_char_lm.py: error: {'interrupted' if signum == signal.SIGINT else 'terminated'} while "
+          "starting", file=sys.stderr)
+    sys.exit(128 + signum)
+
 
 if __name__ == "__main__":
+    interactive = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # a background job ignores Ctrl-C
+    signal.signal(signal.SIGTERM, _stopped)
+    if interactive:
+        signal.signal(signal.SIGINT, _stopped)
+    from megatron_ls.training.loop import main
+
+    if interactive:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

@@ -111,6 +111,22 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("delay", [0.3, 1.0])
+def test_sigterm_while_starting_is_one_line(data, delay):
+    """Before the training loop (torch / DeepSpeed imports, model build) there is nothing to save: one line, 143."""
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--data-path", data, *TINY, "--train-iters", "100000",
+                             "--eval-iters", "0"], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    (line,) = error_lines(err)
+    assert "terminated" in line
+
+
+@pytest.mark.timeout(300)
 def test_sigterm_during_the_final_evaluation_saves_and_exits_zero(data, tmp_path):
     save = str(tmp_path / "ck")
     r = run(["--data-path", data, *TINY, "--train-iters", "2", "--eval-interval", "0", "--eval-iters", "-1",

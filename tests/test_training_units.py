@@ -407,3 +407,29 @@ def test_help_shows_real_defaults_once():
                         ("--max-nonfinite-steps", "5"), ("--clip-grad", "1.0"), ("--micro-batch-size", "1"),
                         ("--tensor-model-parallel-size", "1"), ("--mem-length", "--seq-length")):
         assert f"(default: {value})" in shown[flag], (flag, shown[flag])
+
+
+# ---- main(): what reaches the user when set-up is cut short ----------------------------------
+def test_main_sigterm_during_setup_and_lost_peer(monkeypatch, capsys):
+    from megatron_ls.training import loop
+
+    monkeypatch.setattr(loop, "train", lambda argv: os.kill(os.getpid(), signal.SIGTERM) or 0)
+    assert loop.main([]) == 143
+    assert "terminated (SIGTERM) outside the training loop" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+    def lost(argv):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:40579: Connection reset by "
+                           "peer. This is typically caused by a remote worker hanging\nmore")
+
+    monkeypatch.setattr(loop, "train", lost)
+    assert loop.main([]) == 1
+    err = capsys.readouterr().err
+    assert "another rank stopped or lost its connection" in err and "Traceback" not in err
+
+    def bug(argv):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(loop, "train", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # a real bug keeps its traceback
+        loop.main([])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -31,8 +32,31 @@ from .startup import check_outputs, lanes, load_data, model_config, run_info_of,
 USER_ERRORS = (TrainingError, DataError, ParallelConfigError)
 
 
+class Terminated(Exception):
+    """SIGTERM outside the training loop (whose handler saves first): set-up stops with one line."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """A collective failed because another rank went away (gloo: "Connection reset by peer"; NCCL: DistError)."""
+    text = str(e)
+    return isinstance(e, torch_dist_error()) or (isinstance(e, RuntimeError) and (
+        "Connection reset by peer" in text or "Connection closed by peer" in text or "gloo" in text.lower()))
+
+
+def torch_dist_error() -> type:
+    import torch.distributed as dist
+
+    return getattr(dist, "DistError", RuntimeError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done (or stopped by a signal after saving), 1 a user-fixable error."""
+    """Exit status: 0 done (or stopped by a signal after saving), 1 a user-fixable error or a lost rank,
+    130 Ctrl-C, 143 SIGTERM before training started."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return train(argv)
     except USER_ERRORS as e:
@@ -41,7 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         error_line("interrupted")
         return 130
+    except Terminated:
+        error_line("terminated (SIGTERM) outside the training loop: nothing was saved")
+        return 143
+    except RuntimeError as e:
+        if not _peer_lost(e):
+            raise
+        error_line("a collective failed: another rank stopped or lost its connection (see that rank's log); "
+                   f"{str(e).splitlines()[0][:300]}")
+        return 1
     finally:
+        signal.signal(signal.SIGTERM, previous)
         shutdown()
 
 
