@@ -366,6 +366,12 @@ def test_compatibility_checks():
                               dict(run, seq_length=128), False, "p")
     ckpt.check_compatible(info, {"hidden_size": 64, "num_layers": 2, "mem_length": 128},
                           dict(run, seq_length=128, world_size=1), True, "p")
+    model = {"hidden_size": 64, "num_layers": 2, "mem_length": 64}
+    with pytest.raises(CheckpointError, match="was saved with --zero-stage 1, this run has 2"):
+        ckpt.check_compatible(dict(info, run=dict(info["run"], zero_stage=1)), model, dict(run, zero_stage=2),
+                              False, "p")
+    with pytest.raises(CheckpointError, match="was saved with --bf16 off, this run has on"):
+        ckpt.check_compatible(dict(info, run=dict(info["run"], bf16=False)), model, dict(run, bf16=True), False, "p")
     other_tp = dict(run, tensor_model_parallel_size=2)
     with pytest.raises(CheckpointError, match="exact resume needs the same layout; use --finetune"):
         ckpt.check_compatible(info, {"hidden_size": 64, "num_layers": 2, "mem_length": 64}, other_tp, False, "p")

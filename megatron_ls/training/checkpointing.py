@@ -348,9 +348,22 @@ def check_compatible(info: dict[str, Any], model: dict[str, Any], run: dict[str,
         raise CheckpointError(f"checkpoint {path} was saved by {info.get('world_size')} processes, this run has "
                               f"{run['world_size']}: resume with the same layout, or start a phase with --finetune")
     saved_run = info.get("run", {})
+    # DeepSpeed's optimizer files differ by ZeRO stage and precision: loading across them fails deep inside it.
+    for k, what in (("zero_stage", "--zero-stage"), ("bf16", "--bf16"), ("fp16", "--fp16")):
+        theirs, mine = saved_run.get(k), run.get(k)
+        if theirs is None or mine is None:
+            continue
+        if (theirs != mine) if k == "zero_stage" else (bool(theirs) != bool(mine)):
+            raise CheckpointError(f"checkpoint {path} was saved with {what} {_shown(theirs)}, this run has "
+                                  f"{_shown(mine)}: an exact resume needs the same (DeepSpeed's optimizer state "
+                                  "differs); use --finetune to start a new phase from its weights")
     for k in ("seq_length", "global_batch_size", "mem_length"):
         mine = model.get(k) if k == "mem_length" else run.get(k)
         theirs = saved_model.get(k) if k == "mem_length" else saved_run.get(k)
         if theirs is not None and theirs != mine:
             raise CheckpointError(f"checkpoint {path} was trained with --{k.replace('_', '-')} {theirs}, this run "
                                   f"has {mine}: an exact resume needs the same; use --finetune to start a new phase")
+
+
+def _shown(value: Any) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
