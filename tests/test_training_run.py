@@ -139,7 +139,8 @@ def test_sigterm_during_the_final_evaluation_saves_and_exits_zero(data, tmp_path
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", ["no-data-path", "vocab", "chunk", "missing-ckpt", "ds-json", "save-is-file",
-                                  "save-holds-a-checkpoint", "beyond-train-iters", "token-ids", "tokenizer"])
+                                  "save-holds-a-checkpoint", "beyond-train-iters", "token-ids", "tokenizer",
+                                  "other-data"])
 def test_bad_inputs_one_clear_message(data, reference, tmp_path, case):
     args = ["--data-path", data, *TINY, "--train-iters", "2"]
     if case == "no-data-path":
@@ -170,6 +171,10 @@ def test_bad_inputs_one_clear_message(data, reference, tmp_path, case):
         if case == "token-ids":
             meta["vocab_size"] = 100
             want = "holds token id"
+        elif case == "other-data":  # same sizes, other bytes
+            train = tmp_path / (os.path.basename(data) + "_train.bin")
+            train.write_bytes(train.read_bytes()[::-1])
+            args, want = args + ["--load", reference, "--train-iters", "9"], "was trained on other data"
         else:
             meta["tokenizer"] = {"type": "sentencepiece", "vocab_size": 256, "model_sha256": "0" * 64}
             args, want = args + ["--load", reference, "--train-iters", "9"], "was trained on another tokenizer"

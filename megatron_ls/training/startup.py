@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import zlib
 from typing import Any
 
 from megatron_ls.data import DataError, LaneDataset, load_split
@@ -28,6 +29,7 @@ def load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
             raise DataError(f"{args.data_path}_{split} holds token id {int(tokens.max())} but {args.data_path}.json "
                             f"says the vocabulary has {meta['vocab_size']} ids: the shards and their metadata do not "
                             "belong together")
+    args.data_fingerprint = data_fingerprint(train_tokens)  # recorded in checkpoints, compared on resume
     return train_tokens, valid_tokens, meta
 
 
@@ -72,6 +74,15 @@ def _restore_local_state(path: str, train_data: LaneDataset, engine: Any) -> Non
     except ValueError as e:
         raise ckpt.CheckpointError(f"checkpoint {path}: its memory cache does not fit this run: {e}") from None
     ckpt.set_rng_state(local["rng"])
+
+
+def data_fingerprint(tokens: Any) -> str:
+    """CRC-32 of the first and last MiB of a split, with its length: a resume on other data of the same size
+    (another corpus cut to the same length, a re-tokenised copy) would otherwise continue silently."""
+    n = 1 << 20
+    crc = zlib.crc32(bytes(tokens[:n]))
+    crc = zlib.crc32(bytes(tokens[-n:]), crc)
+    return f"{len(tokens)}:{crc:08x}"
 
 
 def run_info_of(args: argparse.Namespace, config: Any) -> dict[str, Any]:
@@ -136,6 +147,11 @@ def start_state(args: argparse.Namespace, config: Any, run: dict[str, Any], resu
         if differ:
             raise ckpt.CheckpointError(f"checkpoint {path} was trained on another tokenizer than "
                                        f"{args.data_path}'s ({differ})")
+        saved = (info.get("run") or {}).get("data_fingerprint")
+        if saved and saved != args.data_fingerprint:
+            raise ckpt.CheckpointError(f"checkpoint {path} was trained on other data than {args.data_path}_train "
+                                       f"(fingerprint {saved}, this split's {args.data_fingerprint}): an exact resume "
+                                       "needs the same data; use --finetune to start a new phase on this data")
         if int(info["iteration"]) > args.train_iters:
             raise ConfigError(f"checkpoint {path} is at iteration {info['iteration']}, beyond --train-iters "
                               f"{args.train_iters}: raise --train-iters to train on (or --finetune to start a new "
