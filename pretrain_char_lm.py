@@ -10,7 +10,6 @@
 """
 
 import os
-import signal
 import sys
 
 try:
@@ -19,20 +18,9 @@ except ImportError:  # a checkout that was not pip-installed
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def _stopped(signum: int, frame: object) -> None:
-    """Ctrl-C or SIGTERM while torch and DeepSpeed load (seconds), before main() installs its own handlers."""
-    print(f"pretrain_char_lm.py: error: {'interrupted' if signum == signal.SIGINT else 'terminated'} while "
-          "starting", file=sys.stderr)
-    sys.exit(128 + signum)
-
-
 if __name__ == "__main__":
-    interactive = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # a background job ignores Ctrl-C
-    signal.signal(signal.SIGTERM, _stopped)
-    if interactive:
-        signal.signal(signal.SIGINT, _stopped)
-    from megatron_ls.training.loop import main
+    from megatron_ls.tool_signals import stopping_while_loading
 
-    if interactive:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    with stopping_while_loading("pretrain_char_lm.py: error"):  # torch and DeepSpeed load here: seconds
+        from megatron_ls.training.loop import main
     sys.exit(main())

@@ -5,6 +5,8 @@
 - ``uninterruptible()``: around a publish (the few renames that must all happen or none) SIGINT and
   SIGTERM wait until it is done, then take effect with the new output complete;
 - ``stop_line()``: the one line and the exit status of a tool stopped by either;
+- ``stopping_while_loading()``: while an entry script imports torch / DeepSpeed (seconds, before its main()
+  handles signals) Ctrl-C or SIGTERM end it with one line instead of a traceback or a silent kill;
 - ``signal_hook()``: a test hook that sends a signal at a named point (MEGATRON_LS_TEST_SIGNAL).
 
 Only the standard library: the tools import this before anything heavy.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -81,6 +84,24 @@ def uninterruptible() -> Iterator[None]:
             except BaseException as e:
                 e.published = done
                 raise
+
+
+@contextlib.contextmanager
+def stopping_while_loading(prog: str) -> Iterator[None]:
+    """Within the block Ctrl-C / SIGTERM print '<prog>: interrupted|terminated while starting' and exit 130 / 143.
+    Ctrl-C is left alone where it is ignored (a background job); the previous handlers return afterwards."""
+    def stopped(signum: int, frame: object) -> None:
+        word = "interrupted" if signum == signal.SIGINT else "terminated"
+        print(f"{prog}: {word} while starting", file=sys.stderr)
+        sys.exit(128 + signum)
+
+    stops = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, stopped) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            _restore(s, handler)
 
 
 def stop_line(prog: str, exc: BaseException) -> tuple[str, int]:

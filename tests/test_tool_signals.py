@@ -282,3 +282,28 @@ def test_sentencepiece_model_of_the_child_is_the_in_process_one(tmp_path):
     here = open(prefix + ".model", "rb").read()
     os.remove(prefix + ".model")
     assert open(train_sentencepiece([str(tmp_path / "t.txt")], prefix, 300), "rb").read() == here
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig,rc,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_signal_while_loading_is_one_line(sig, rc, word):
+    """What the entry scripts wrap their heavy imports in (torch, DeepSpeed: seconds before main())."""
+    code = ("import os, signal, time\n"
+            "from megatron_ls.tool_signals import stopping_while_loading\n"
+            "with stopping_while_loading('x.py'):\n"
+            f"    os.kill(os.getpid(), {int(sig)})\n"
+            "    time.sleep(30)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == rc and p.stderr.splitlines() == [f"x.py: {word} while starting"], p.stderr[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_convert_imports_torch():
+    cmd, env = tool_cmd("convert_checkpoint", "--help")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    time.sleep(0.15)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.splitlines() == ["convert_checkpoint.py: interrupted while starting"], err[-2000:]

@@ -9,7 +9,10 @@ try:
 except ImportError:  # running from a checkout that was not pip-installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ls.inference.generate_cli import main
+from megatron_ls.tool_signals import stopping_while_loading
+
+with stopping_while_loading("generate.py"):  # torch loads here: seconds
+    from megatron_ls.inference.generate_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
