@@ -24,6 +24,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from ..temp_files import temp_name
 from .errors import IndexedDatasetError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -87,9 +88,8 @@ class MMapIndexedDatasetBuilder:
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
         self._code = dtype_code(self.dtype)
-        suffix = f".tmp{os.getpid()}"
         self._final = [data_file_path(prefix), index_file_path(prefix)]
-        self._tmp = [p + suffix for p in self._final]
+        self._tmp = [temp_name(p) for p in self._final]
         self._sizes: list[int] = []
         self._doc_idx: list[int] = [0]
         self._open_len = 0  # tokens in the sequence being written

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import megatron_ls
 
+from ..temp_files import temp_dir
 from .corpora import BLOCK_SIZE, CorpusSpec, InputFile, open_corpus, split_bounds
 from .default_corpus import default_corpus_source, write_default_corpus
 from .errors import DataError
@@ -131,7 +132,7 @@ def preprocess_text(
     with ShardSet(prefix, np.int32, overwrite, extra_outputs=extras) as probe:
         probe.abort()  # only the existence / writability checks; the dtype is known later
     if sentencepiece_model is None:
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(prefix))) as tmp:
+        with temp_dir(prefix + ".sp") as tmp:  # named for this host and process: a later run removes it if killed
             trained = train_sentencepiece(files, os.path.join(tmp, "spm"), vocab_size, num_threads=workers)
             with ShardSet(prefix, SentencePieceTokenizer(trained).dtype, overwrite, extras) as shards:
                 model_tmp = shards.temp_path(".model")

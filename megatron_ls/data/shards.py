@@ -14,12 +14,15 @@ import os
 
 import numpy as np
 
+from ..temp_files import sweep, temp_name
 from ..tool_signals import signal_hook, uninterruptible
 from .corpora import SPLIT_NAMES
 from .errors import DataError
 from .indexed_dataset import MMapIndexedDatasetBuilder, data_file_path, index_file_path
 
 META_FORMAT = "megatron-ls-shards-1"
+# Scratch outputs beside the shards, P.SUFFIX under a temporary name (".sp": the sentencepiece training folder).
+SCRATCH_SUFFIXES = (".tokens", ".model", ".vocab", ".sp")
 
 
 def split_prefix(prefix: str, split: str) -> str:
@@ -72,6 +75,7 @@ class ShardSet:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as e:
             raise DataError(f"cannot create output directory {out_dir}: {e.strerror}") from None
+        sweep(finals + [prefix + s for s in SCRATCH_SUFFIXES])  # what killed runs left under temporary names
         self._extras: list[tuple[str, str]] = []  # (temporary, final) moved in at commit
         self._temps: list[str] = []  # scratch files removed at the end either way
         self.builders: list[MMapIndexedDatasetBuilder] = []
@@ -88,7 +92,7 @@ class ShardSet:
 
     def temp_path(self, suffix: str) -> str:
         """A scratch file beside the outputs, removed when the set commits or aborts."""
-        path = f"{self.prefix}{suffix}.tmp{os.getpid()}"
+        path = temp_name(self.prefix + suffix)
         self._temps.append(path)
         return path
 

@@ -21,6 +21,7 @@ import torch
 from megatron_ls.inference.errors import InferenceError
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM
+from megatron_ls.temp_files import sweep, temp_name
 from megatron_ls.tool_signals import signal_hook, uninterruptible
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
@@ -61,7 +62,8 @@ def save_consolidated(out_dir: str, state_dict: dict[str, torch.Tensor], config:
                                      "is missing")
             tokenizer["model"] = SP_MODEL
     os.makedirs(out_dir, exist_ok=True)
-    suffix = f".tmp{os.getpid()}"
+    sweep(os.path.join(out_dir, name) for name in (SP_MODEL, TOKENIZER, WEIGHTS, CONFIG))  # of killed runs
+    suffix = temp_name("")
     files = [(name, os.path.join(out_dir, name)) for name in
              ([SP_MODEL] if sp_model else []) + ([TOKENIZER] if tokenizer is not None else []) + [WEIGHTS, CONFIG]]
     try:

@@ -12,6 +12,7 @@ import os
 import sys
 
 from megatron_ls.inference.errors import InferenceError, run_cli
+from megatron_ls.temp_files import sweep, temp_name
 from megatron_ls.tool_signals import signal_hook
 
 PROG = "evaluate.py"
@@ -91,9 +92,10 @@ def run(args: argparse.Namespace) -> dict:
 def write_result(path: str, result: dict) -> None:
     """PATH as JSON, replaced whole: written beside it under a temporary name first, so a failure or a signal
     leaves the previous file as it was (and no temporary one)."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_name(path)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        sweep([path])  # the temporary files of killed runs
         with open(tmp, "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
