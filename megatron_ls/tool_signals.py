@@ -7,6 +7,7 @@
 - ``stop_line()``: the one line and the exit status of a tool stopped by either;
 - ``stopping_while_loading()``: while an entry script imports torch / DeepSpeed (seconds, before its main()
   handles signals) Ctrl-C or SIGTERM end it with one line instead of a traceback or a silent kill;
+- ``die_with_parent()``: a child process (on Linux) is killed when its parent dies, even by SIGKILL;
 - ``signal_hook()``: a test hook that sends a signal at a named point (MEGATRON_LS_TEST_SIGNAL).
 
 Only the standard library: the tools import this before anything heavy.
@@ -110,6 +111,25 @@ def stop_line(prog: str, exc: BaseException) -> tuple[str, int]:
     if getattr(exc, "published", False):
         word += " (after its output was written in full)"
     return f"{prog}: {word}", status
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a child process, first thing: on Linux the kernel kills it (SIGKILL) when its parent dies, so a parent
+    killed without cleanup leaves no orphan working on; if PARENT_PID died already, it ends now. Elsewhere
+    nothing changes."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # no libc / prctl to be found: as on other platforms
+        return
+    if os.getppid() != parent_pid:  # the parent died before the prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def signal_hook(point: str, pid: int | None = None) -> bool:

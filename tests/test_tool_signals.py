@@ -4,6 +4,7 @@ MEGATRON_LS_TEST_SIGNAL=POINT:NAME, or a patched function that signals its own p
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -261,6 +262,34 @@ def test_preprocess_ctrl_c_stops_the_sentencepiece_training_at_once(tmp_path):
     assert _session(proc.pid) == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child dies with its parent on Linux only")
+def test_preprocess_sigkill_during_the_sentencepiece_training_leaves_no_orphan(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text(TEXT)
+    prefix = str(tmp_path / "sp" / "sp")
+    # The hook makes the training child SIGKILL this process (no cleanup possible) and then sleep 60 s.
+    cmd, env = tool_cmd("preprocess_data", "--dataset", "text", "--input", str(tmp_path / "t.txt"),
+                        "--output-prefix", prefix, "--tokenizer", "sentencepiece", "--vocab-size", "300",
+                        "--no-progress", hook="sp_train:KILL")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # no pipes: an orphan would hold them open
+    try:
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        deadline = time.monotonic() + 5  # the orphaned child is killed too: the session empties
+        while _session(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _session(proc.pid) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    # What it left is named for this host and its pid; the next run writing there removes it.
+    left = temps(tmp_path / "sp")
+    assert left and all(f"-{proc.pid}" in n for n in left), left
+    assert preprocess_main(["--dataset", "text", "--input", str(tmp_path / "t.txt"), "--output-prefix", prefix,
+                            "--no-progress"]) == 0
+    assert "left by killed runs" in capsys.readouterr().err
+    assert temps(tmp_path / "sp") == []
+
+
 def _session(sid: int) -> list[str]:
     """The processes of session SID (their /proc/PID/stat lines)."""
     found = []
@@ -270,7 +299,7 @@ def _session(sid: int) -> list[str]:
                 stat = f.read()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[4]) == sid:
+        if int(stat.rsplit(")", 1)[1].split()[3]) == sid:  # state ppid pgrp session ...
             found.append(stat)
     return found
 

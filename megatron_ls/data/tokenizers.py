@@ -156,8 +156,8 @@ def train_sentencepiece(
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
     reader, writer = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_train_child, daemon=True, name="sentencepiece-training",
-                        args=(writer, list(files), model_prefix, vocab_size, model_type, num_threads,
-                              input_sentence_size))
+                        args=(writer, os.getpid(), list(files), model_prefix, vocab_size, model_type,
+                              num_threads, input_sentence_size))
     try:
         child.start()
         writer.close()
@@ -174,13 +174,15 @@ def train_sentencepiece(
     return model_prefix + ".model"
 
 
-def _train_child(conn, files: list[str], model_prefix: str, vocab_size: int, model_type: str, num_threads: int,
-                 input_sentence_size: int) -> None:
-    """The child of train_sentencepiece: sends None when done, else the first line of the error."""
+def _train_child(conn, parent_pid: int, files: list[str], model_prefix: str, vocab_size: int, model_type: str,
+                 num_threads: int, input_sentence_size: int) -> None:
+    """The child of train_sentencepiece: sends None when done, else the first line of the error. It dies with
+    its parent (on Linux): a parent killed by SIGKILL leaves no orphan training on."""
     import signal
 
-    from megatron_ls.tool_signals import signal_hook
+    from megatron_ls.tool_signals import die_with_parent, signal_hook
 
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent handles it
     if signal_hook("sp_train", os.getppid()):  # test hook: the parent is signalled during a long training
         import time
