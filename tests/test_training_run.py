@@ -130,7 +130,7 @@ def test_sigterm_while_starting_is_one_line(data, delay):
 def test_sigterm_during_the_final_evaluation_saves_and_exits_zero(data, tmp_path):
     save = str(tmp_path / "ck")
     r = run(["--data-path", data, *TINY, "--train-iters", "2", "--eval-interval", "0", "--eval-iters", "-1",
-             "--save", save], extra_env={"MEGATRON_LS_TEST_SIGTERM_IN_EVAL": "1"})
+             "--save", save], extra_env={"MEGATRON_LS_TEST_SIGNAL": "training_eval:TERM"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "received SIGTERM at the end of training: stopped at iteration 2 after saving iter_0000002" in r.stdout
     assert open(os.path.join(save, "latest")).read().strip() == "iter_0000002"

@@ -23,7 +23,7 @@ def env() -> dict[str, str]:
     e = dict(os.environ)
     e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     e.pop("MEGATRON_LS_TEST_CRASH_IN_SAVE", None)
-    e.pop("MEGATRON_LS_TEST_SIGTERM_IN_EVAL", None)
+    e.pop("MEGATRON_LS_TEST_SIGNAL", None)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"):
         e.pop(k, None)
     return e

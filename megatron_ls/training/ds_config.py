@@ -108,7 +108,7 @@ def check_user_types(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: {where} must be a finite number, got {json.dumps(value)}")
         if kind == "count" and not (number and value == int(value) and value >= 1):
             raise ConfigError(f"{source}: {where} must be a positive integer, got {json.dumps(value)}")
-        if kind == "stage" and value not in (0, 1, 2, 3) or kind == "stage" and isinstance(value, bool):
+        if kind == "stage" and (isinstance(value, bool) or value not in (0, 1, 2, 3)):
             raise ConfigError(f"{source}: {where} must be 0, 1, 2 or 3, got {json.dumps(value)}")
 
 

@@ -7,16 +7,12 @@ training memory ("eval" / "train" streams), so training continues exactly as wit
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
 from megatron_ls.data import LaneDataset
-
-# Test hook only: this process sends itself SIGTERM at each evaluation step.
-SIGNAL_ENV = "MEGATRON_LS_TEST_SIGTERM_IN_EVAL"
+from megatron_ls.tool_signals import signal_hook
 
 
 def eval_steps(dataset: LaneDataset, eval_iters: int) -> int:
@@ -34,8 +30,7 @@ def evaluate(engine: Any, make_dataset: Any, eval_iters: int,
     total, count = 0.0, 0
     try:
         for _ in range(eval_steps(dataset, eval_iters)):
-            if os.environ.get(SIGNAL_ENV):  # test hook: a SIGTERM arriving during an evaluation
-                os.kill(os.getpid(), signal.SIGTERM)
+            signal_hook("training_eval")  # test hook: a signal arriving during an evaluation
             if stop is not None and stop():
                 return None
             inputs, targets = dataset.next_batch()

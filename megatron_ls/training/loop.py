@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import time
 from typing import Any
 
 from megatron_ls.data import DataError, LaneDataset
 from megatron_ls.parallel.mpu import ParallelConfigError
+from megatron_ls.tool_signals import Terminated, sigterm_raises
 
 from . import checkpointing as ckpt
 from .arguments import finalize_args, parse_args
@@ -32,33 +32,21 @@ from .startup import check_outputs, lanes, load_data, model_config, run_info_of,
 USER_ERRORS = (TrainingError, DataError, ParallelConfigError)
 
 
-class Terminated(Exception):
-    """SIGTERM outside the training loop (whose handler saves first): set-up stops with one line."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated
-
-
 def _peer_lost(e: BaseException) -> bool:
     """A collective failed because another rank went away (gloo: "Connection reset by peer"; NCCL: DistError)."""
-    text = str(e)
-    return isinstance(e, torch_dist_error()) or (isinstance(e, RuntimeError) and (
-        "Connection reset by peer" in text or "Connection closed by peer" in text or "gloo" in text.lower()))
-
-
-def torch_dist_error() -> type:
     import torch.distributed as dist
 
-    return getattr(dist, "DistError", RuntimeError)
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", RuntimeError)) or (isinstance(e, RuntimeError) and (
+        "Connection reset by peer" in text or "Connection closed by peer" in text or "gloo" in text.lower()))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done (or stopped by a signal after saving), 1 a user-fixable error or a lost rank,
-    130 Ctrl-C, 143 SIGTERM before training started."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    130 Ctrl-C, 143 SIGTERM outside the training loop (whose own handler saves first)."""
     try:
-        return train(argv)
+        with sigterm_raises():  # the training loop's StopSignals takes SIGTERM over while it runs
+            return train(argv)
     except USER_ERRORS as e:
         error_line(str(e))
         return 1
@@ -75,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
                    f"{str(e).splitlines()[0][:300]}")
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
         shutdown()
 
 

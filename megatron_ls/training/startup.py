@@ -25,8 +25,9 @@ def load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
     for split, tokens in (("train", train_tokens), ("valid", valid_tokens)):
         # One pass over the memory map (a fraction of a second for enwik8): an id past the vocabulary would
         # otherwise surface as an index error inside the embedding, mid-training.
-        if tokens is not None and len(tokens) and int(tokens.max()) >= int(meta["vocab_size"]):
-            raise DataError(f"{args.data_path}_{split} holds token id {int(tokens.max())} but {args.data_path}.json "
+        top = int(tokens.max()) if tokens is not None and len(tokens) else -1
+        if top >= int(meta["vocab_size"]):
+            raise DataError(f"{args.data_path}_{split} holds token id {top} but {args.data_path}.json "
                             f"says the vocabulary has {meta['vocab_size']} ids: the shards and their metadata do not "
                             "belong together")
     args.data_fingerprint = data_fingerprint(train_tokens)  # recorded in checkpoints, compared on resume
