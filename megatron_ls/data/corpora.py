@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import socket
+import stat
 import sys
 import threading
 import urllib.error
@@ -83,6 +84,10 @@ class InputFile:
             raise DataError(f"input file not found: {path}")
         if os.path.isdir(path):
             raise DataError(f"input is a directory, not a file: {path}")
+        if not stat.S_ISREG(os.stat(path).st_mode):  # never opened: a pipe without a writer would block
+            what = "a zip is read by seeking" if member is not None or path.endswith(".zip") else \
+                "its size must be known before it is read"
+            raise DataError(f"input {path} is a pipe or a device, not a regular file: {what}; save it to a file first")
         if member is not None and zipfile.is_zipfile(path):
             try:
                 with zipfile.ZipFile(path) as zf:

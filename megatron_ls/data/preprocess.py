@@ -8,11 +8,14 @@ file (the split needs the total token count), then cut into the three splits.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import stat
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +88,34 @@ def preprocess_corpus(
     return PreprocessResult(prefix, meta, src.size, time.perf_counter() - t0)
 
 
+def _is_stream(path: str) -> bool:
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode) and not stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False  # missing: InputFile names it
+
+
+@contextlib.contextmanager
+def _as_regular_files(files: Sequence[str], prefix: str) -> Iterator[list[str]]:
+    """Pipes among the inputs (``--input <(cat a.txt)``) copied into a scratch folder beside the output, read as
+    they come: the split needs the total size before the first byte is written, and sentencepiece reads its
+    input twice. Regular files are used in place."""
+    if not any(_is_stream(p) for p in files):
+        yield list(files)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with temp_dir(prefix + ".input") as tmp:  # named for this host and process: a later run removes it if killed
+        out = []
+        for i, path in enumerate(files):
+            if _is_stream(path):
+                copy = os.path.join(tmp, str(i))
+                with open(path, "rb") as src, open(copy, "wb") as dst:
+                    shutil.copyfileobj(src, dst, BLOCK_SIZE)
+                path = copy
+            out.append(path)
+        yield out
+
+
 def preprocess_text(
     files: Sequence[str],
     prefix: str,
@@ -98,15 +129,23 @@ def preprocess_text(
     dataset: str = "text",
     source: str | None = None,
 ) -> PreprocessResult:
-    """Any text files, concatenated in the given order (one document each), split by weights."""
-    t0 = time.perf_counter()
+    """Any text files (pipes too), concatenated in the given order (one document each), split by weights."""
     if not files:
         raise DataError("no input files given (--input FILE ...)")
+    names = [source] if source else [os.path.basename(p) for p in files]
+    with _as_regular_files(files, prefix) as paths:
+        return _preprocess_text(paths, names, prefix, tokenizer, sentencepiece_model, vocab_size, split, overwrite,
+                                workers, progress, dataset)
+
+
+def _preprocess_text(files: Sequence[str], names: list[str], prefix: str, tokenizer: str,
+                     sentencepiece_model: str | None, vocab_size: int | None, split: Sequence[float], overwrite: bool,
+                     workers: int, progress: bool, dataset: str) -> PreprocessResult:
+    t0 = time.perf_counter()
     inputs = [InputFile(p) for p in files]
     total_bytes = sum(s.size for s in inputs)
     if total_bytes == 0:
         raise DataError("the input files are empty")
-    names = [source] if source else [os.path.basename(p) for p in files]
 
     if tokenizer == "byte":
         tok = ByteTokenizer()

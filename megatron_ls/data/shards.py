@@ -22,7 +22,7 @@ from .indexed_dataset import MMapIndexedDatasetBuilder, data_file_path, index_fi
 
 META_FORMAT = "megatron-ls-shards-1"
 # Scratch outputs beside the shards, P.SUFFIX under a temporary name (".sp": the sentencepiece training folder).
-SCRATCH_SUFFIXES = (".tokens", ".model", ".vocab", ".sp")
+SCRATCH_SUFFIXES = (".tokens", ".model", ".vocab", ".sp", ".input")
 
 
 def split_prefix(prefix: str, split: str) -> str:
