@@ -31,18 +31,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _read_source(path: str):
-    """(TP=1 fp32 state dict, config, tokenizer description, base dir of the tokenizer, iteration)."""
+    """(TP=1 fp32 state dict, config, tokenizer description, base dir of the tokenizer, iteration, provenance:
+    which checkpoint was read)."""
     from megatron_ls.inference.consolidated import is_consolidated
 
     if is_consolidated(path):
-        from megatron_ls.inference.consolidated import load_consolidated_state, read_tokenizer_description
+        from megatron_ls.inference.consolidated import (
+            load_consolidated_state,
+            read_provenance,
+            read_tokenizer_description,
+        )
 
         state, config = load_consolidated_state(path)
-        return {k: v.float() for k, v in state.items()}, config, read_tokenizer_description(path), path, 0
+        return ({k: v.float() for k, v in state.items()}, config, read_tokenizer_description(path), path, 0,
+                read_provenance(path))
     from megatron_ls.checkpoint_convert.read_training import read_training_checkpoint
 
     ckpt, state = read_training_checkpoint(path)
-    return state, ckpt.config, ckpt.tokenizer, ckpt.tokenizer_base_dir, int(ckpt.info.get("iteration", 0))
+    return (state, ckpt.config, ckpt.tokenizer, ckpt.tokenizer_base_dir, int(ckpt.info.get("iteration", 0)),
+            ckpt.provenance)
 
 
 def convert(args: argparse.Namespace) -> str:
@@ -67,7 +74,7 @@ def convert(args: argparse.Namespace) -> str:
     existing = [n for n in ("latest", "model.safetensors") if os.path.exists(os.path.join(args.output, n))]
     if existing and not args.overwrite:
         raise InferenceError(f"--output {args.output} already holds a checkpoint ({existing[0]}); pass --overwrite")
-    state, config, tokenizer, base, iteration = _read_source(args.load)
+    state, config, tokenizer, base, iteration, provenance = _read_source(args.load)
     if to_training:
         from megatron_ls.checkpoint_convert.write_training import write_training_checkpoint
 
@@ -77,7 +84,7 @@ def convert(args: argparse.Namespace) -> str:
         return f"wrote a TP={tp} x PP={pp} training checkpoint (weights only: resume it with --finetune) to {path}"
     check_weights(state, config, f"the weights of {args.load}")
     state = {k: v.to(DTYPES[args.dtype]) if v.is_floating_point() else v for k, v in state.items()}
-    save_consolidated(args.output, state, config, tokenizer, tokenizer_base_dir=base)
+    save_consolidated(args.output, state, config, tokenizer, tokenizer_base_dir=base, source=provenance)
     n = sum(v.numel() for v in state.values())
     return f"wrote the consolidated checkpoint ({n:,} parameters, {args.dtype}) to {args.output}"
 

@@ -25,7 +25,16 @@ import torch
 from megatron_ls.checkpoint_convert.tp_shards import merge_tp
 from megatron_ls.inference.errors import InferenceError
 from megatron_ls.model.config import TransformerLSConfig
-from megatron_ls.training.checkpointing import LATEST, MANIFEST, RUN_INFO, _crc32
+from megatron_ls.training.checkpointing import (
+    LATEST,
+    MANIFEST,
+    RUN_INFO,
+    _crc32,
+    complete_tags,
+    find_tag,
+    manifest_crc32,
+)
+from megatron_ls.training.errors import CheckpointError
 
 
 @dataclass
@@ -44,8 +53,16 @@ class TrainingCheckpoint:
         return os.path.dirname(os.path.abspath(data_path)) if data_path else self.path
 
 
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Which checkpoint this is: its folder, iteration and the CRC-32 of its manifest."""
+        return {"checkpoint": os.path.abspath(self.path), "iteration": self.info.get("iteration"),
+                "manifest_crc32": manifest_crc32(self.path) or None}
+
+
 def is_training_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, LATEST)) or os.path.isfile(os.path.join(path, RUN_INFO))
+    return (os.path.isfile(os.path.join(path, LATEST)) or os.path.isfile(os.path.join(path, RUN_INFO))
+            or bool(complete_tags(path)))
 
 
 def locate(load_dir: str) -> TrainingCheckpoint:
@@ -56,14 +73,16 @@ def locate(load_dir: str) -> TrainingCheckpoint:
         path = load_dir  # a tag folder given directly
     else:
         latest = os.path.join(load_dir, LATEST)
-        if not os.path.isfile(latest):
+        if not os.path.isfile(latest) and not complete_tags(load_dir):
             raise InferenceError(f"{load_dir} holds no training checkpoint: no '{LATEST}' file naming one (and no "
                                  f"{RUN_INFO}); pass the --save folder of a run, or a consolidated folder")
-        with open(latest) as f:
-            tag = f.read().strip()
+        try:
+            tag, note = find_tag(load_dir)
+        except CheckpointError as e:
+            raise InferenceError(str(e)) from None
+        if note:
+            print(note, file=sys.stderr)
         path = os.path.join(load_dir, tag)
-        if not tag or not os.path.isdir(path):
-            raise InferenceError(f"{latest} names {tag!r}, but {path} does not exist")
     try:
         with open(os.path.join(path, RUN_INFO)) as f:
             info = json.load(f)

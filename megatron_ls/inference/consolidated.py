@@ -25,6 +25,7 @@ from megatron_ls.temp_files import sweep, temp_name
 from megatron_ls.tool_signals import signal_hook, uninterruptible
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+SOURCE_KEY = "source"  # in config.json: the training checkpoint the weights were converted from
 SP_MODEL = "tokenizer.model"  # a sentencepiece model, copied beside tokenizer.json
 
 
@@ -39,8 +40,10 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def save_consolidated(out_dir: str, state_dict: dict[str, torch.Tensor], config: TransformerLSConfig,
-                      tokenizer: dict[str, Any] | None, tokenizer_base_dir: str | None = None) -> None:
-    """Write DIR; `tokenizer_base_dir` resolves a relative sentencepiece model path of the description.
+                      tokenizer: dict[str, Any] | None, tokenizer_base_dir: str | None = None,
+                      source: dict[str, Any] | None = None) -> None:
+    """Write DIR; `tokenizer_base_dir` resolves a relative sentencepiece model path of the description;
+    `source` (which checkpoint the weights were read from) is recorded in config.json.
 
     Every input is checked before anything is written; the files are written under temporary names and
     renamed into place at the end (config.json last), so a failure leaves no half-written checkpoint, and
@@ -73,7 +76,8 @@ def save_consolidated(out_dir: str, state_dict: dict[str, torch.Tensor], config:
             _write_json(os.path.join(out_dir, TOKENIZER) + suffix, tokenizer)
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
                   os.path.join(out_dir, WEIGHTS) + suffix, metadata={"format": "pt", "model": "TransformerLSLM"})
-        _write_json(os.path.join(out_dir, CONFIG) + suffix, config.to_dict())
+        _write_json(os.path.join(out_dir, CONFIG) + suffix,
+                    config.to_dict() | ({SOURCE_KEY: source} if source else {}))
         with uninterruptible():  # no signal leaves a mix of the old and the new files
             for name in (SP_MODEL, TOKENIZER):  # the previous model's tokenizer, if this one has none
                 if name not in dict(files):
@@ -115,11 +119,27 @@ def read_config(path: str) -> TransformerLSConfig:
     try:
         with open(file) as f:
             raw = json.load(f)
+        if isinstance(raw, dict):
+            raw.pop(SOURCE_KEY, None)  # which checkpoint it was converted from: not a model field
         return TransformerLSConfig.from_dict(raw)
     except OSError as e:
         raise InferenceError(f"cannot read {file}: {e.strerror}") from None
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise InferenceError(f"{file} is not a valid model config: {e}") from None
+
+
+def read_provenance(path: str) -> dict[str, Any]:
+    """Which model a consolidated folder is: its path and, when convert_checkpoint wrote it, the training
+    checkpoint it came from (folder, iteration, manifest CRC-32)."""
+    out: dict[str, Any] = {"model": os.path.abspath(path)}
+    try:
+        with open(os.path.join(path, CONFIG)) as f:
+            source = json.load(f).get(SOURCE_KEY)
+    except (OSError, ValueError, AttributeError):
+        source = None
+    if isinstance(source, dict):
+        out["converted_from"] = source
+    return out
 
 
 def read_tokenizer_description(path: str) -> dict[str, Any] | None:

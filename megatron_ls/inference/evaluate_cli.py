@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_ls.data.lanes import load_split
     from megatron_ls.data.tokenizers import tokenizer_mismatch
     from megatron_ls.inference.evaluate import check_protocol, evaluate_stream
-    from megatron_ls.inference.model_source import load_model, reconfigure
+    from megatron_ls.inference.model_source import open_model, reconfigure
     from megatron_ls.inference.output_check import check_writable
 
     if args.max_tokens is not None and args.max_tokens < 2:
@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> dict:
         raise InferenceError(f"cannot read the {args.split} split of {args.data_path}: {e}") from None
     if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
-    model, tokenizer = load_model(args.model, device=args.device)
+    opened = open_model(args.model, device=args.device)
+    model, tokenizer = opened.model, opened.tokenizer
     try:
         mem = check_protocol(args.context, args.step, model.config.chunk_size)
     except ValueError as e:
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> dict:
         raise InferenceError(str(e)) from None
     finally:
         bar.close()
-    out = dict(result.to_dict(), model=os.path.abspath(args.model), data_path=args.data_path, split=args.split,
+    out = dict(result.to_dict(), model=os.path.abspath(args.model), checkpoint=opened.provenance,
+               data_path=args.data_path, split=args.split,
                max_tokens=args.max_tokens, tokens_per_second=result.tokens / max(result.seconds, 1e-9))
     print(f"{args.split} bits per character: {result.bpc:.4f} ({result.tokens:,} tokens predicted, context "
           f"{args.context}, step {args.step}, {result.seconds:.1f} s)")

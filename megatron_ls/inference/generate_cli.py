@@ -91,7 +91,7 @@ def encode_prompt(tokenizer, prompt: bytes | str, source: str = "the prompt") ->
 def run(args: argparse.Namespace) -> None:
     from megatron_ls.inference.context import ContextRule
     from megatron_ls.inference.generate import generate
-    from megatron_ls.inference.model_source import load_model
+    from megatron_ls.inference.model_source import describe_provenance, open_model
 
     if args.max_new_tokens < 0:
         raise InferenceError("--max-new-tokens must be >= 0")
@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> None:
     if args.top_k < 0:
         raise InferenceError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     text = read_prompt(args)
-    model, tokenizer = load_model(args.model, device=args.device)
+    opened = open_model(args.model, device=args.device)
+    model, tokenizer = opened.model, opened.tokenizer
     if tokenizer is None:
         raise InferenceError(f"{args.model} has no tokenizer description (tokenizer.json)")
     prompt = encode_prompt(tokenizer, text, prompt_source(args))
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> None:
     sys.stdout.flush()
     if not args.quiet:
         print(f"[{len(prompt)} prompt tokens in {out.prompt_seconds:.2f} s, {len(out.tokens)} new tokens at "
-              f"{out.tokens_per_second:.1f} tokens/s; context: {rule.describe()}]", file=sys.stderr)
+              f"{out.tokens_per_second:.1f} tokens/s; context: {rule.describe()}; model "
+              f"{describe_provenance(opened.provenance)}]", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

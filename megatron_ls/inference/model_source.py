@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,14 +41,30 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+@dataclass
+class OpenedModel:
+    model: TransformerLSLM  # in eval mode, TP=1
+    tokenizer: Any  # or None
+    provenance: dict[str, Any]  # which checkpoint: folder, iteration, manifest CRC-32 (see read_training.py)
+
+
 def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                **config_overrides: Any) -> tuple[TransformerLSLM, Any]:
     """(model in eval mode at TP=1, tokenizer or None)."""
+    opened = open_model(path, device, dtype, **config_overrides)
+    return opened.model, opened.tokenizer
+
+
+def open_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               **config_overrides: Any) -> OpenedModel:
+    """The model, its tokenizer and which checkpoint they were read from."""
+    from megatron_ls.inference.consolidated import read_provenance
+
     device = resolve_device(device)
     if is_consolidated(path):
         model, tokenizer = load_consolidated(path, device, dtype, **config_overrides)
         check_tokenizer_fits(tokenizer, model.config, path)
-        return model, tokenizer
+        return OpenedModel(model, tokenizer, read_provenance(path))
     from megatron_ls.checkpoint_convert.read_training import is_training_checkpoint, read_training_checkpoint
 
     if not os.path.isdir(path):
@@ -61,7 +78,19 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
         config = TransformerLSConfig.from_dict({**config.to_dict(), **config_overrides})
     tokenizer = training_tokenizer(ckpt)
     check_tokenizer_fits(tokenizer, config, ckpt.path)
-    return build_model(state, config, device, dtype, where=f"the weights of {ckpt.path}"), tokenizer
+    model = build_model(state, config, device, dtype, where=f"the weights of {ckpt.path}")
+    return OpenedModel(model, tokenizer, ckpt.provenance)
+
+
+def describe_provenance(provenance: dict[str, Any]) -> str:
+    """One phrase: 'runs/x/iter_0000040 (iteration 40, manifest CRC 1a2b3c4d)'."""
+    src = provenance.get("converted_from") or provenance
+    where = src.get("checkpoint") or provenance.get("model", "?")
+    text = f"{where} (iteration {src.get('iteration', '?')}, manifest CRC {src.get('manifest_crc32') or '?'})" \
+        if src.get("checkpoint") else str(where)
+    if provenance.get("converted_from"):
+        text = f"{provenance.get('model')}, converted from {text}"
+    return text
 
 
 def check_tokenizer_fits(tokenizer, config: TransformerLSConfig, where: str) -> None:
