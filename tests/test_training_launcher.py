@@ -22,9 +22,11 @@ from training_utils import (
     free_port,
     make_shards,
     metrics,
+    popen_deepspeed,
     spawn_ranks,
     train_losses,
     wait_all,
+    wait_for_metrics,
 )
 
 pytestmark = pytest.mark.slow
@@ -70,7 +72,7 @@ def test_two_nodes_on_loopback(data, tmp_path):
     for node in (0, 1):
         cmd = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--num_nodes", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(port)]
-        procs.append(_popen_deepspeed(cmd, args))
+        procs.append(popen_deepspeed(cmd, args))
     results = wait_all(procs, timeout=240)
     for rc, _, err in results:
         assert rc == 0, err[-3000:]
@@ -110,11 +112,6 @@ def test_selective_recompute_under_tensor_parallelism(data, tmp_path):
             assert rc == 0, err[-3000:]
         losses.append(train_losses(save))
     assert losses[0] == losses[1]  # bitwise
-
-
-def _popen_deepspeed(launcher_args: list[str], args: list[str]) -> subprocess.Popen:
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), *launcher_args, SCRIPT, *args]
-    return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +177,7 @@ def test_sigterm_on_one_rank_stops_both_after_saving(data, tmp_path):
     procs = spawn_ranks(["--data-path", data, *TINY, "--train-iters", "100000", "--eval-iters", "0",
                          "--save", save], world=2)
     try:
-        path, deadline = os.path.join(save, "metrics.jsonl"), time.monotonic() + 120
-        while not (os.path.exists(path) and len(open(path).readlines()) >= 2):
-            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_for_metrics(save, 2, procs)
         procs[1].send_signal(signal.SIGTERM)  # e.g. a scheduler pre-empting one node
         results = wait_all(procs, timeout=120)
     finally:

@@ -334,8 +334,9 @@ def test_damaged_checkpoints(tmp_path, damage, match):
     weights = os.path.join(tagdir, "mp_rank_00_model_states.pt")
     if damage == "no-dir":
         d = str(tmp_path / "nothing")
-    elif damage == "no-latest":
+    elif damage == "no-latest":  # and no complete checkpoint either (one left is read: test_run_folder_units.py)
         os.remove(os.path.join(d, "latest"))
+        os.remove(os.path.join(tagdir, "manifest.json"))
     elif damage == "latest-dangling":
         open(os.path.join(d, "latest"), "w").write("iter_0000009\n")
     elif damage == "truncate":

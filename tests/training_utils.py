@@ -60,6 +60,25 @@ def deepspeed(launcher_args: list[str], args: list[str], timeout: float = 180,
     return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def popen_deepspeed(launcher_args: list[str], args: list[str], extra_env: dict[str, str] | None = None,
+                    **popen: object) -> subprocess.Popen:
+    """The real `deepspeed` launcher, running in the background."""
+    e = env()
+    e.update(extra_env or {})
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), *launcher_args, SCRIPT, *args]
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen(cmd, env=e, text=True, cwd=ROOT, **popen)
+
+
+def wait_for_metrics(save_dir: str, lines: int, procs: list[subprocess.Popen], timeout: float = 120) -> None:
+    """Until SAVE/metrics.jsonl has LINES records (training runs); fails if a process ends first."""
+    path, deadline = os.path.join(save_dir, "metrics.jsonl"), time.monotonic() + timeout
+    while not (os.path.exists(path) and len(open(path).readlines()) >= lines):
+        assert all(p.poll() is None for p in procs), "a process ended before training was under way"
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+
+
 def spawn_ranks(args: list[str], world: int, extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
     """`world` plain processes with the launcher's environment: each rank's exit status and stderr apart."""
     port = free_port()

@@ -152,12 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", help="checkpoint directory (also where metrics.jsonl is written)")
-    g.add_argument("--load", help="checkpoint directory to resume from (its `latest` tag)")
+    g.add_argument("--load", help="checkpoint directory to resume from (its `latest` tag; without `latest`, its newest "
+                                  "complete checkpoint)")
     g.add_argument("--save-interval", type=int, help="save every N iterations (always at the end and on SIGTERM)")
     g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints (default: all)")
     g.add_argument("--finetune", action="store_true",
                    help="start from the weights of --load (a training checkpoint of any TP x PP x ZeRO layout, or a "
                         "consolidated folder): fresh optimizer, schedule, iteration, data and memory")
+    g.add_argument("--override-opt_param-scheduler", "--override-lr-scheduler", action="store_true",
+                   dest="override_opt_param_scheduler",
+                   help="on a resume, take the learning-rate schedule from this run's flags (--lr, --min-lr, "
+                        "--lr-warmup-iters, --lr-decay-style, --train-iters) instead of the checkpoint's (Megatron's "
+                        "flag; by default a resume keeps the checkpoint's schedule and says so when the flags differ)")
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000, help="0 = only at the end")

@@ -16,6 +16,7 @@ before DeepSpeed reads a byte, so a damaged checkpoint is one clear error on eve
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from .collectives import agree, barrier, is_distributed
+from .disk_space import human_bytes, statvfs_free
 from .errors import CheckpointError, TrainingError
 
 LATEST = "latest"
@@ -176,8 +178,13 @@ def _maybe_crash(iteration: int) -> None:
 
 # ---- save -----------------------------------------------------------------------------------
 def save_checkpoint(engine: Any, save_dir: str, iteration: int, local_state: dict[str, Any],
-                    run_info: dict[str, Any], keep_last: int | None = None) -> str:
-    """Collective: every rank calls it. Returns the path of the new checkpoint."""
+                    run_info: dict[str, Any], keep_last: int | None = None, expected_bytes: int = 0) -> str:
+    """Collective: every rank calls it. Returns the path of the new checkpoint.
+
+    A write that fails on any rank (a full disk) is one CheckpointError on every rank; the partial folder is
+    removed and the previous checkpoint and `latest` stay as they were. ``expected_bytes`` (the size the
+    save should have) goes into that message.
+    """
     tag = tag_name(iteration)
     final, partial = os.path.join(save_dir, tag), os.path.join(save_dir, tag + PARTIAL)
     rank = _rank()
@@ -187,45 +194,150 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, local_state: dic
             if name.endswith(PARTIAL) and _TAG_RE.match(name[: -len(PARTIAL)]):
                 shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
     barrier()
-    # DeepSpeed must not write `latest` itself: it would name the partial folder.
-    engine.save_checkpoint(save_dir, tag + PARTIAL, client_state={"iteration": iteration}, save_latest=False)
-    os.makedirs(partial, exist_ok=True)
-    torch.save(dict(local_state, rank=rank, world_size=_world(), iteration=iteration),
-               os.path.join(partial, run_state_file(rank)))
+    failure = ""
+    try:
+        # DeepSpeed must not write `latest` itself: it would name the partial folder.
+        engine.save_checkpoint(save_dir, tag + PARTIAL, client_state={"iteration": iteration}, save_latest=False)
+    except Exception as e:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError, OSError, ...
+        failure = _write_failure(e, save_dir)
+        # Its collectives come before the files are written; the one left is its closing barrier, where the
+        # ranks that wrote their files now wait for this one.
+        barrier()
+    if not failure:
+        try:
+            os.makedirs(partial, exist_ok=True)
+            torch.save(dict(local_state, rank=rank, world_size=_world(), iteration=iteration),
+                       os.path.join(partial, run_state_file(rank)))
+        except Exception as e:  # noqa: BLE001
+            failure = _write_failure(e, save_dir)
     _maybe_crash(iteration)
-    barrier()
+    _agree_saved(failure, save_dir, partial, tag, expected_bytes)
+    published = False
     if rank == 0:
-        _write_json(os.path.join(partial, RUN_INFO), dict(run_info, iteration=iteration, world_size=_world()))
-        _fsync_tree(partial)
-        write_manifest(partial, iteration, tag, _world())
-        publish_tag(partial, final)
-        write_latest(save_dir, tag)
-        if keep_last is not None:
-            for _, old_tag in complete_tags(save_dir)[:-keep_last]:
-                if old_tag != tag:
-                    shutil.rmtree(os.path.join(save_dir, old_tag), ignore_errors=True)
+        try:
+            _write_json(os.path.join(partial, RUN_INFO), dict(run_info, iteration=iteration, world_size=_world()))
+            _fsync_tree(partial)
+            write_manifest(partial, iteration, tag, _world())
+            publish_tag(partial, final)
+            published = True
+            write_latest(save_dir, tag)
+        except Exception as e:  # noqa: BLE001
+            failure = _write_failure(e, save_dir)
+    _agree_saved(failure, save_dir, partial if not published else None, tag, expected_bytes)
+    if rank == 0 and keep_last is not None:
+        for _, old_tag in complete_tags(save_dir)[:-keep_last]:
+            if old_tag != tag:
+                shutil.rmtree(os.path.join(save_dir, old_tag), ignore_errors=True)
     barrier()
     return final
 
 
+def _write_failure(e: BaseException, folder: str) -> str:
+    """What went wrong with a write, in words: a full disk however torch reports it (OSError ENOSPC,
+    RuntimeError 'unexpected pos' / 'file write failed', 'iostream error'), else the error's first line."""
+    full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+    if not full:
+        try:
+            full = statvfs_free(folder) < (1 << 20)
+        except OSError:
+            pass
+    return "no space left on device" if full else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+
+
+def _agree_saved(failure: str, save_dir: str, partial: str | None, tag: str, expected_bytes: int) -> None:
+    """Collective: if a write failed on any rank, remove the partial folder and raise one message on every rank."""
+    def check() -> None:
+        if failure:
+            raise CheckpointError(failure)
+
+    try:
+        agree(check, "saving the checkpoint")
+    except TrainingError as e:
+        reason = failure or str(e)
+        if _rank() == 0 and partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        barrier()
+        if "no space left on device" in reason:
+            try:
+                free = statvfs_free(save_dir)
+            except OSError:
+                free = 0
+            need = f"needs about {human_bytes(expected_bytes)}, " if expected_bytes else ""
+            reason = f"no space left on device (the checkpoint {need}{human_bytes(free)} are free)"
+        previous = read_latest(save_dir)
+        kept = f"the previous checkpoint {previous} and '{LATEST}' are intact" if previous else "no earlier checkpoint"
+        raise CheckpointError(f"saving checkpoint {tag} into {save_dir} failed: {reason}; its partial folder was "
+                              f"removed and {kept}") from None
+
+
 # ---- load -----------------------------------------------------------------------------------
 def has_checkpoint(load_dir: str) -> bool:
-    return os.path.isfile(os.path.join(load_dir, LATEST))
+    """A `latest` file, or a complete checkpoint folder (`latest` may have been deleted)."""
+    return os.path.isfile(os.path.join(load_dir, LATEST)) or bool(complete_tags(load_dir))
 
 
-def _read_tag(load_dir: str) -> str:
+def read_latest(folder: str) -> str | None:
+    """The tag `latest` names, or None when it is missing or damaged (never raises)."""
+    try:
+        with open(os.path.join(folder, LATEST), "rb") as f:
+            tag = f.read(4096).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return tag or None
+
+
+def describe_latest(folder: str) -> str:
+    return read_latest(folder) or f"'{LATEST}' unreadable"
+
+
+def find_tag(load_dir: str) -> tuple[str, str]:
+    """(tag, note) of the checkpoint to read from a --save folder: the one `latest` names; without `latest`
+    (deleted), the newest complete one, with a note that says so. CheckpointError when there is none or
+    `latest` is damaged (not guessed over: it may name an older checkpoint on purpose)."""
     if not os.path.isdir(load_dir):
         raise CheckpointError(f"--load {load_dir}: checkpoint directory not found")
     latest = os.path.join(load_dir, LATEST)
+    tags = complete_tags(load_dir)
     if not os.path.isfile(latest):
-        raise CheckpointError(f"--load {load_dir}: no checkpoint there (no '{LATEST}' file naming one)")
-    with open(latest) as f:
-        tag = f.read().strip()
+        if not tags:
+            raise CheckpointError(f"--load {load_dir}: no checkpoint there (no '{LATEST}' file naming one)")
+        return tags[-1][1], f"no '{LATEST}' file in {load_dir}: reading its newest complete checkpoint {tags[-1][1]}"
+    newest = f", {tags[-1][1]}" if tags else ""
+    try:
+        with open(latest, "rb") as f:
+            tag = f.read(4096).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{latest} is damaged (not text): delete it to read the newest complete "
+                              f"checkpoint{newest}") from None
     if not tag or "/" in tag:
         raise CheckpointError(f"{latest}: does not name a checkpoint (content {tag!r})")
     if not os.path.isdir(os.path.join(load_dir, tag)):
         raise CheckpointError(f"{latest} names {tag!r} but {os.path.join(load_dir, tag)} does not exist")
+    return tag, ""
+
+
+def _read_tag(load_dir: str) -> str:
+    tag, note = find_tag(load_dir)
+    if note and _rank() == 0:
+        print(note, flush=True)
     return tag
+
+
+def manifest_crc32(path: str) -> str:
+    """The CRC-32 of a checkpoint folder's manifest (which holds every file's CRC): names that exact checkpoint."""
+    try:
+        return f"{_crc32(os.path.join(path, MANIFEST)):08x}"
+    except OSError:
+        return ""
+
+
+def tag_bytes(path: str) -> int:
+    """The bytes of a complete checkpoint folder, from its manifest (0 when unreadable)."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return sum(int(v["bytes"]) for v in json.load(f)["files"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
 
 
 def _read_manifest(path: str) -> dict[str, Any]:

@@ -290,6 +290,13 @@ class TrainEngine:
                                            load_lr_scheduler_states=not load_module_only,
                                            load_module_only=load_module_only)
 
+    def refresh_lr(self) -> None:
+        """Set the optimizer's rate from the scheduler's own iteration: after a resume that overrides the schedule,
+        the loaded optimizer state still holds the rate the checkpoint's schedule gave the next update."""
+        sched = getattr(self.engine, "lr_scheduler", None)
+        if sched is not None and getattr(sched, "last_batch_iteration", None) is not None:
+            sched.step(sched.last_batch_iteration)
+
     # ---- helpers --------------------------------------------------------------------------------------------------
     def add_pre_step_hook(self, hook) -> None:
         """hook() runs on every rank just before the optimizer step, gradients reduced (tests read them here)."""

@@ -8,6 +8,7 @@ rank with the same message; after that, per-rank work that can fail is agreed ac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -24,10 +25,22 @@ from .ds_config import build_ds_config, write_ds_config
 from .errors import TrainingError
 from .evaluation import evaluate
 from .finetune import read_source
+from .launcher_watch import LauncherWatch
 from .logging import TrainingLogger, error_line, print_rank0
 from .memory_check import check_memory
+from .run_folder import check_room, hold_run_folder, state_bytes
+from .schedule_resume import apply_schedule, resolve_schedule, schedule_of_config
 from .signals import StopSignals
-from .startup import check_outputs, lanes, load_data, model_config, run_info_of, should_resume, start_state
+from .startup import (
+    check_outputs,
+    continues_in_place,
+    lanes,
+    load_data,
+    model_config,
+    run_info_of,
+    should_resume,
+    start_state,
+)
 
 USER_ERRORS = (TrainingError, DataError, ParallelConfigError)
 
@@ -45,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done (or stopped by a signal after saving), 1 a user-fixable error or a lost rank,
     130 Ctrl-C, 143 SIGTERM outside the training loop (whose own handler saves first)."""
     try:
-        with sigterm_raises():  # the training loop's StopSignals takes SIGTERM over while it runs
+        # The training loop's StopSignals takes SIGTERM over while it runs; the launcher watch turns the death of
+        # a launcher (the `deepspeed` command killed alone) into a SIGTERM to this rank.
+        with sigterm_raises(), LauncherWatch():
             return train(argv)
     except USER_ERRORS as e:
         error_line(str(e))
@@ -56,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         error_line("terminated (SIGTERM) outside the training loop: nothing was saved")
         return 143
+    except OSError as e:  # a write outside the checkpoint code (metrics.jsonl, TensorBoard) on a full disk, ...
+        error_line(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+        return 1
     except RuntimeError as e:
         if not _peer_lost(e):
             raise
@@ -68,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---- the run --------------------------------------------------------------------------------
 def train(argv: list[str] | None = None) -> int:
+    with contextlib.ExitStack() as held:  # the --save folder's lock, for the whole run
+        return _train(argv, held)
+
+
+def _train(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     from .distributed import init_distributed, world_from_env
 
     args = parse_args(argv)
@@ -88,6 +111,7 @@ def train(argv: list[str] | None = None) -> int:
     if on_cpu:
         _share_cpu_cores()
     layout = init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, config)
+    held.enter_context(hold_run_folder(args.save, continues_in_place(args)))  # before anything is written
     # Agreed across ranks: free RAM (the CPU default) is read per rank and could tip one rank alone.
     estimate, device_bytes = agree(lambda: check_memory(args, config, ds_config, layout.device.type,
                                                         layout.local_rank), "the memory check")
@@ -98,13 +122,22 @@ def train(argv: list[str] | None = None) -> int:
     run_info = run_info_of(args, config)
     run = run_info["run"] | run_info["layout"] | {"world_size": world}
     resume = should_resume(args)
+    located = ckpt.locate_checkpoint(args.load) if resume and not args.finetune else None
+    if located is not None:  # DeepSpeed restores a scheduler's iteration, not its shape: keep the checkpoint's
+        schedule, line = resolve_schedule(located[1], ds_config, args.override_opt_param_scheduler,
+                                          int(located[1].get("iteration", 0)))
+        if schedule is not None:
+            apply_schedule(ds_config, schedule)
+        if line:
+            print_rank0(line)
+    run_info["schedule"] = schedule_of_config(ds_config)
     source = read_source(args.load, config, run, args.tokenizer) if resume and args.finetune else None
     engine = build_engine(config, ds_config, layout, seed=args.seed,
                           checkpoint_activations=args.checkpoint_activations,
                           recompute_attention=args.recompute_attention,
                           initial_weights=source.weights if source else None)
 
-    iteration = start_state(args, config, run, resume, source, engine, train_data)
+    iteration = start_state(args, config, run, located, source, engine, train_data)
 
     if rank == 0 and args.save:
         os.makedirs(args.save, exist_ok=True)
@@ -119,7 +152,9 @@ def train(argv: list[str] | None = None) -> int:
     def save(it: int) -> None:
         local = {"data": train_data.state_dict(), "memory": engine.memory_state_dict(), "rng": ckpt.rng_state()}
         t0 = time.monotonic()
-        path = ckpt.save_checkpoint(engine, args.save, it, local, run_info, keep_last=args.keep_last)
+        need = check_room(args.save, it, state_bytes(engine, local))  # stop with the last checkpoint, not mid-save
+        path = ckpt.save_checkpoint(engine, args.save, it, local, run_info, keep_last=args.keep_last,
+                                    expected_bytes=need)
         logger.print(f"saved checkpoint {path} ({time.monotonic() - t0:.1f} s)")
 
     tokens_per_step = args.global_batch_size * args.seq_length

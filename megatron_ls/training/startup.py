@@ -15,6 +15,7 @@ from . import checkpointing as ckpt
 from .errors import ConfigError
 from .finetune import FinetuneSource
 from .logging import print_rank0
+from .run_folder import check_no_previous_run
 
 
 def load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
@@ -98,9 +99,16 @@ def run_info_of(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     }
 
 
+def continues_in_place(args: argparse.Namespace) -> bool:
+    """--load is --save (without --finetune): this run continues the one whose files the folder holds."""
+    return bool(args.load and args.save and not args.finetune
+                and os.path.realpath(args.load) == os.path.realpath(args.save))
+
+
 def check_outputs(args: argparse.Namespace) -> None:
     """Folders this run writes: creatable and writable now (not after the model is built), and --save not
-    holding another run's checkpoints that this run would overwrite."""
+    holding another run's checkpoints or metrics that this run would overwrite (checked again under the
+    folder's lock, see run_folder.py)."""
     from megatron_ls.inference.errors import InferenceError
     from megatron_ls.inference.output_check import check_writable
 
@@ -110,39 +118,33 @@ def check_outputs(args: argparse.Namespace) -> None:
                 check_writable(path, flag, folder=True)
         except InferenceError as e:
             raise ConfigError(str(e)) from None
-    if not args.save or not ckpt.has_checkpoint(args.save):
-        return
-    if not (args.load and not args.finetune and os.path.realpath(args.load) == os.path.realpath(args.save)):
-        with open(os.path.join(args.save, ckpt.LATEST)) as f:
-            tag = f.read().strip()
-        raise ConfigError(f"--save {args.save} already holds a checkpoint ({tag}) that this run would overwrite: "
-                          f"to continue that run pass --load {args.save} (without --finetune); to start over, "
-                          "delete it or choose another --save folder")
+    if args.save:
+        check_no_previous_run(args.save, continues_in_place(args))
 
 
 def should_resume(args: argparse.Namespace) -> bool:
     """--load with --save pointing to the same place and no checkpoint yet is a fresh start of a resumable run."""
     if not args.load:
         return False
-    if (not args.finetune and not ckpt.has_checkpoint(args.load) and args.save
-            and os.path.realpath(args.load) == os.path.realpath(args.save)):
+    if continues_in_place(args) and not ckpt.has_checkpoint(args.load):
         print_rank0(f"no checkpoint in {args.load} yet: starting from scratch")
         return False
     return True
 
 
-def start_state(args: argparse.Namespace, config: Any, run: dict[str, Any], resume: bool,
+def start_state(args: argparse.Namespace, config: Any, run: dict[str, Any], located: tuple[str, dict] | None,
                 source: FinetuneSource | None, engine: Any, train_data: LaneDataset) -> int:
     """Collective. The iteration to start from: 0 for a fresh run or a --finetune (whose weights the engine was
-    built with, or DeepSpeed reads now for another tool's checkpoint); the checkpoint's on a resume, with the
-    engine's state, the lane position, the memory and the RNG restored."""
+    built with, or DeepSpeed reads now for another tool's checkpoint); on a resume (``located``: the verified
+    checkpoint's path and run_state.json) the checkpoint's, with the engine's state, the lane position, the
+    memory and the RNG restored."""
     iteration = 0
     if source is not None:
         if source.weights is None:  # another tool's DeepSpeed checkpoint: DeepSpeed reads its module weights
             ckpt.load_engine_state(engine, source.path, finetune=True)
         print_rank0(f"loaded the weights of {source.path} (--finetune: fresh optimizer, schedule, data and memory)")
-    elif resume:
-        path, info = ckpt.locate_checkpoint(args.load)
+    elif located is not None:
+        path, info = located
         ckpt.check_compatible(info, config.to_dict(), run, False, path)
         differ = tokenizer_mismatch(info.get("tokenizer"), args.tokenizer)
         if differ:
@@ -158,6 +160,8 @@ def start_state(args: argparse.Namespace, config: Any, run: dict[str, Any], resu
                               f"{args.train_iters}: raise --train-iters to train on (or --finetune to start a new "
                               "phase from its weights)")
         ckpt.load_engine_state(engine, path, finetune=False)
+        if args.override_opt_param_scheduler:
+            engine.refresh_lr()  # the next update runs at this run's schedule, not the checkpoint's
         ckpt.agree_on_checkpoint(lambda: _restore_local_state(path, train_data, engine), "restoring the run state")
         iteration = int(info["iteration"])
         print_rank0(f"resumed from {path} at iteration {iteration}")
