@@ -5,8 +5,11 @@
     python bench/attention.py --layer-only            # just the whole-layer CPU budget check
     python bench/attention.py --device cuda --dtype bf16 --tokens 32768 --sizes 2048,8192,32768
 
-Implementations: reference / blocked / fused (long-short), full (causal over memory + segment, SDPA),
-window (short-term part only). Each row is one attention layer (projections, DualLN, landmarks,
+Implementations: reference / blocked / fused (long-short), full (causal over memory + segment, SDPA: flash on
+GPU), window (causal sliding window of w over memory + segment through FlexAttention, compiled on CUDA: the
+anchors' "sliding window only" row; rotary positions like full; FlexAttention has no CPU backward, so it is
+skipped there), window-blocked (the model's --attention-type window: the long-short layer without landmarks,
+Transformer-XL positions, on the blocked core). Each row is one attention layer (projections, DualLN, landmarks,
 positions, core, output projection) with memory M = N (--mem-ratio), width 512, 8 heads, window 512,
 chunk 16, one landmark per chunk unless overridden; median of --repeat runs after a warm-up.
 Memory: on CUDA the peak allocated during forward+backward; on CPU the bytes the autograd graph
@@ -14,14 +17,14 @@ saves for the backward (distinct storages), the activation footprint that grows 
 
 Also times one whole Transformer-LS layer (attention + MLP + norms, `blocked`) at N = 4096 with 4096
 of memory, batch 1, fp32: the CPU budget of the model issue (<= 2.9 s, the official attention alone).
-Writes JSON (bench/results/attention-<device>.json or --output) and prints a table (median and
-minimum of the timed runs: on a shared CPU the minimum is the better estimate of the cost).
+Writes JSON (bench/results/attention-<device>.json or --output) after every row, and prints a table (median
+and minimum of the timed runs: on a shared CPU the minimum is the better estimate of the cost).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import platform
 import statistics
@@ -32,8 +35,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.results_json import write_json  # noqa: E402
 from megatron_ls.model import TransformerLSConfig  # noqa: E402
 from megatron_ls.model.attention import fused_available  # noqa: E402
+from megatron_ls.model.attention.sliding_window import sliding_window_attention  # noqa: E402
 from megatron_ls.model.layer import TransformerLSLayer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,27 +112,35 @@ def measure(module, x, mem, device, repeat: int, autocast_dtype) -> dict:
                 mem_kind=mem_kind)
 
 
-def attention_rows(args, device, dtype, autocast_dtype) -> list[dict]:
-    rows = []
+# impl -> (the layer's attention_type, its long-short core); `window` is the `full` layer with FlexAttention's core.
+LAYERS = {"reference": ("long-short", "reference"), "blocked": ("long-short", "blocked"),
+          "fused": ("long-short", "fused"), "full": ("full", "blocked"), "window": ("full", "blocked"),
+          "window-blocked": ("window", "blocked")}
+
+
+def attention_rows(args, device, dtype, autocast_dtype, rows: list[dict], save) -> list[dict]:
+    """Measures every (N, impl) and appends to `rows`, calling save() after each row."""
     impls = args.impls.split(",")
+    unknown = sorted(set(impls) - set(LAYERS))
+    if unknown:
+        raise SystemExit(f"attention.py: error: unknown --impls {','.join(unknown)} (known: {', '.join(LAYERS)})")
     for n in [int(s) for s in args.sizes.split(",")]:
         m = int(n * args.mem_ratio) // args.chunk * args.chunk
         b = max(1, args.tokens // n) if args.tokens else args.batch
         for impl in impls:
             row = dict(impl=impl, N=n, M=m, B=b)
-            if impl == "reference" and n > args.max_reference_n:
-                rows.append({**row, "skipped": f"reference is O(N^2); N > --max-reference-n {args.max_reference_n}"})
+            skip = _skip_reason(impl, n, device, args)
+            if skip:
+                rows.append({**row, "skipped": skip})
                 print(_row_line(rows[-1]), flush=True)
+                save()
                 continue
-            if impl == "fused" and not fused_available(device):
-                rows.append({**row, "skipped": "fused kernel cannot run here (CUDA + Triton, or TRITON_INTERPRET=1)"})
-                print(_row_line(rows[-1]), flush=True)
-                continue
-            attention_type = {"full": "full", "window": "window"}.get(impl, "long-short")
-            core = impl if attention_type == "long-short" else "blocked"
+            attention_type, core = LAYERS[impl]
             torch.manual_seed(0)
             layer = TransformerLSLayer(config_for(args, attention_type, core, n, m)).to(device, dtype)
             attn = layer.attention
+            if impl == "window":
+                attn.core = functools.partial(sliding_window_attention, window=args.window)
             x = torch.randn(b, n, args.hidden, device=device, dtype=dtype, requires_grad=True)
             mem = torch.randn(b, m, args.hidden, device=device, dtype=dtype) if m else None
             try:
@@ -136,7 +149,18 @@ def attention_rows(args, device, dtype, autocast_dtype) -> list[dict]:
                 rows.append({**row, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
             del layer, attn, x, mem
             print(_row_line(rows[-1]), flush=True)
+            save()
     return rows
+
+
+def _skip_reason(impl: str, n: int, device: torch.device, args) -> str:
+    if impl == "reference" and n > args.max_reference_n:
+        return f"reference is O(N^2); N > --max-reference-n {args.max_reference_n}"
+    if impl == "fused" and not fused_available(device):
+        return "fused kernel cannot run here (CUDA + Triton, or TRITON_INTERPRET=1)"
+    if impl == "window" and device.type != "cuda":
+        return "FlexAttention has no backward on the CPU"
+    return ""
 
 
 def layer_row(args, device, dtype, autocast_dtype) -> dict:
@@ -151,7 +175,7 @@ def layer_row(args, device, dtype, autocast_dtype) -> dict:
 
 
 def _row_line(r: dict) -> str:
-    head = f"{r['impl']:>10} {r['N']:>7} {r['M']:>7} {r['B']:>3}"
+    head = f"{r['impl']:>14} {r['N']:>7} {r['M']:>7} {r['B']:>3}"
     if "skipped" in r:
         return f"{head}  skipped: {r['skipped']}"
     return (f"{head} {r['ms']:>11.1f} {r['min_ms']:>9.1f} {r['ms'] / r['N'] / r['B'] * 1e3:>12.2f} "
@@ -163,7 +187,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--sizes", default="1024,2048,4096,8192", help="comma-separated segment lengths N")
-    p.add_argument("--impls", default="reference,blocked,fused,full,window")
+    p.add_argument("--impls", default="reference,blocked,fused,full,window,window-blocked",
+                   help=f"comma-separated, of: {', '.join(LAYERS)}")
     p.add_argument("--mem-ratio", type=float, default=1.0, help="memory M = ratio * N")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=0, help="tokens per step; B = tokens / N (overrides --batch)")
@@ -194,11 +219,14 @@ def main() -> None:
     print(f"# {env['device_name']} ({env['device']}, {env['threads']} threads), {args.dtype}, D={args.hidden} "
           f"H={args.heads} w={args.window} c={args.chunk} r={args.rank}, M={args.mem_ratio}*N")
 
-    rows = []
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                      f"attention-{device.type}.json")
+    rows: list[dict] = []
+    result = dict(env=env, rows=rows, layer=None)
     if not args.layer_only:
-        print(f"{'impl':>10} {'N':>7} {'M':>7} {'B':>3} {'fwd+bwd ms':>11} {'min ms':>9} {'us / token':>12} "
+        print(f"{'impl':>14} {'N':>7} {'M':>7} {'B':>3} {'fwd+bwd ms':>11} {'min ms':>9} {'us / token':>12} "
               f"{'mem MiB':>10}")
-        rows = attention_rows(args, device, dtype, autocast_dtype)
+        attention_rows(args, device, dtype, autocast_dtype, rows, lambda: write_json(out, result))
         kinds = {r["mem_kind"] for r in rows if "mem_kind" in r}
         if kinds:
             print(f"(mem = {', '.join(sorted(kinds))})")
@@ -209,11 +237,8 @@ def main() -> None:
         print(f"\nwhole layer, blocked, N=4096 M=4096 B=1 {args.dtype}: {layer['ms'] / 1e3:.2f} s fwd+bwd median "
               f"(runs {', '.join(f'{t / 1e3:.2f}' for t in layer['all_ms'])}); budget {LAYER_BUDGET_S} s: {verdict}")
 
-    out = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                      f"attention-{device.type}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(env=env, rows=rows, layer=layer), f, indent=1)
+    result["layer"] = layer
+    write_json(out, result)
     print(f"wrote {out}")
 
 

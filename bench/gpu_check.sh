@@ -1,126 +1,142 @@
 #!/usr/bin/env bash
-# One-shot check for a GPU machine (< 8 minutes): every CUDA test, bench/attention.py (bf16, 32K tokens
-# per step) for fused (both window-position modes: band, table) / full / window, whole-model throughput and the memory estimate, each other
-# fused-kernel tile checked against the reference, and a short table last.
-# Usage: bash bench/gpu_check.sh   (PYTHON=... to pick the interpreter)
-# Logs and JSON go to bench/results/gpu_check/.
+# One-shot check for a GPU machine: benchmarks first, then the tests, every result and log in ONE tarball.
+#
+#   bash bench/gpu_check.sh [--tarball PATH] [--out DIR]   # on a GPU (a lent machine: --tarball "$OUT/gpu_check.tgz")
+#   bash bench/gpu_check.sh --dry-run [--tarball PATH] [--out DIR]   # on the CPU: the same steps at tiny sizes
+#
+# Steps, in order (each under its own cap; the caps add up to at most 7 minutes, checked below, printed first):
+#   probe               torch / Triton / the device
+#   attention_m0, _mN   bench/attention.py, bf16, 32K tokens per step, N = 32K / 8K / 4K / 2K, memory M = 0 and M = N:
+#                       fused (window position band), full (SDPA: flash), window (FlexAttention's sliding window)
+#   attention_table_*   the same for fused with the window position table (MEGATRON_LS_WINDOW_POS=table)
+#   train_throughput    whole enwik8-12l model, long-short vs full, N = 8K and 32K (the faster position mode)
+#   memory              bench/memory.py: the estimate and a measured 2-layer slice of enwik8-30l at N = M = 8192 (bf16)
+#   memory_v100_path    the same for the V100 path (fp16, blocked core: what `auto` picks on sm_70)
+#   tests_kernels       tests/test_kernels_fused.py (tile 0); tests_cuda: every other test named *cuda*
+#   tile1..3            the other autotune tiles on the bf16 cases
+#   summary             bench/gpu_check_summary.py: the short table (summary.txt)
+# Each benchmark rewrites its JSON after every row, so a step stopped at its cap keeps the rows it measured.
+# The last line printed is the tarball's path. PYTHON=... picks the interpreter (default: .venv/bin/python, python or
+# python3, the first that imports torch and, outside --dry-run, sees a CUDA device).
+# --dry-run: CPU only, tiny sizes, fused kernels under Triton's interpreter, tests collected but not run: proves the
+# sequence, the caps and the tarball (tests/test_gpu_check.py runs it).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root="$PWD"
+dry=0 out="" tarball=""
+while (($#)); do
+  case "$1" in
+    --dry-run) dry=1 ;;
+    --out) out="${2:?--out needs a folder}"; shift ;;
+    --tarball) tarball="${2:?--tarball needs a path}"; shift ;;
+    *) echo "gpu_check: error: unknown argument '$1' (--dry-run, --out DIR, --tarball PATH)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if ((dry)); then out="${out:-$root/bench/results/gpu_check_dry_run}"; else out="${out:-$root/bench/results/gpu_check}"; fi
+tarball="${tarball:-$out.tar.gz}"
+if [[ -e "$out" && ! -e "$out/caps.txt" && -n "$(ls -A "$out" 2>/dev/null)" ]]; then
+  echo "gpu_check: error: $out exists and is not an earlier gpu_check's folder; pick another --out" >&2; exit 2
+fi
+rm -rf "$out" && mkdir -p "$out" "$(dirname "$tarball")" || { echo "gpu_check: error: cannot create $out" >&2; exit 2; }
+
+# name:cap (seconds). The sum must stay <= LIMIT: a lent GPU machine gives about 15 minutes for everything.
+LIMIT=420
+CAPS=(probe:15 attention_m0:70 attention_mN:55 attention_table_m0:25 attention_table_mN:25 train_throughput:60
+      memory:20 memory_v100_path:20 tests_kernels:60 tests_cuda:20 tile1:15 tile2:15 tile3:15 summary:5)
+declare -A cap
+total=0
+for entry in "${CAPS[@]}"; do cap[${entry%%:*}]=${entry##*:}; total=$((total + ${entry##*:})); done
+((total <= LIMIT)) || { echo "gpu_check: error: the step caps add up to $total s > $LIMIT s"; exit 2; }
+echo "gpu_check: step caps (s): ${CAPS[*]} | total $total s <= $LIMIT s" | tee "$out/caps.txt"
+
+export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.torch_extensions}"
+if ((dry)); then
+  export CUDA_VISIBLE_DEVICES="" DS_ACCELERATOR=cpu TRITON_INTERPRET=1
+  probe='import torch, sys; print(torch.__version__)'
+else
+  unset TRITON_INTERPRET DS_ACCELERATOR
+  probe='import torch, sys; sys.exit(not torch.cuda.is_available())'
+fi
 PY="${PYTHON:-}"
 if [[ -z "$PY" ]]; then
-  if [[ -x .venv/bin/python ]] && .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
-      2>/dev/null; then PY=.venv/bin/python; else PY=python; fi
+  for candidate in .venv/bin/python python python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "$probe" >/dev/null 2>&1; then
+      PY="$candidate"; break
+    fi
+  done
 fi
-out="$root/bench/results/gpu_check"
-mkdir -p "$out"
-unset TRITON_INTERPRET DS_ACCELERATOR
-export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.torch_extensions}"
+[[ -n "$PY" ]] || { echo "gpu_check: error: no python / python3 here imports torch$( ((dry)) || echo ' and sees a CUDA device')"
+                    exit 2; }
+echo "gpu_check: python: $PY ($(command -v "$PY")), results in $out" | tee -a "$out/caps.txt"
+
 start=$SECONDS
-status() { echo "[gpu_check +$((SECONDS - start))s] $*"; }
-# Each step gets its own limit, cut to what is left of the 450 s budget (the summary needs a few seconds).
-cap() { local left=$((450 - SECONDS + start)); ((left < $1)) && echo $((left > 10 ? left : 10)) || echo "$1"; }
-
-"$PY" - <<'PYEOF' || { echo "gpu_check: no usable CUDA device / torch / triton"; exit 2; }
-import sys, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if not torch.cuda.is_available():
-    sys.exit(1)
-import triton
-print("triton", triton.__version__, "|", torch.cuda.get_device_name(0))
-PYEOF
-
 declare -A rc
-# 1. Every CUDA test of the suite (tests named *cuda*) plus the whole fused-kernel file, one tile per geometry.
-status "pytest: CUDA tests (tile 0)"
-MEGATRON_LS_TRITON_CONFIG=0 timeout "$(cap 200)" "$PY" -m pytest -q -rs -p no:cacheprovider \
-  tests/test_kernels_fused.py \
-  > "$out/tests_kernels.log" 2>&1; rc[tests_kernels]=$?
-tail -4 "$out/tests_kernels.log"
-MEGATRON_LS_TRITON_CONFIG=0 timeout "$(cap 90)" "$PY" -m pytest -q -rs -p no:cacheprovider tests -k cuda \
-  --ignore=tests/test_kernels_fused.py --continue-on-collection-errors > "$out/tests_cuda.log" 2>&1; rc[tests_cuda]=$?
+# step NAME CMD...: run CMD under the step's cap (a TERM, then a KILL 2 s later), log to NAME.log, record the rc.
+step() {
+  local name=$1 limit=${cap[$1]}
+  shift
+  echo "[gpu_check +$((SECONDS - start))s] $name (cap ${limit} s)"
+  timeout -k 2 $((limit - 2)) "$@" > "$out/$name.log" 2>&1
+  rc[$name]=$?
+  tail -n 4 "$out/$name.log" | sed 's/^/    /'
+}
+
+step probe "$PY" -c "
+import torch, sys
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
+try:
+    import triton; print('triton', triton.__version__)
+except ImportError:
+    print('triton: not installed')
+if torch.cuda.is_available():
+    print(torch.cuda.get_device_name(0), 'sm_%d%d' % torch.cuda.get_device_capability(0))
+"
+
+if ((dry)); then
+  att=(--device cpu --dtype fp32 --sizes 32 --tokens 32 --hidden 32 --heads 2 --window 16 --chunk 8 --repeat 1)
+  tput=(--device cpu --sizes 64 --layers 1 --batch 1 --steps 1 --warmup 1)
+  # The preset's slice (width 512) under Triton's interpreter takes minutes: the dry run measures it on `blocked`.
+  mem=(--seq-length 64 --device cpu --measure-layers 1 --measure-seq 64) mem_impl=blocked
+  pytest_mode=(--collect-only)
+else
+  att=(--device cuda --dtype bf16 --sizes 32768,8192,4096,2048 --tokens 32768 --repeat 10)
+  tput=(--device cuda --sizes 8192,32768 --steps 5 --warmup 2)
+  mem=(--seq-length 8192 --device cuda --measure-layers 2) mem_impl=fused
+  pytest_mode=(-rs)
+fi
+for m in 0 N; do
+  ratio=$([[ $m == 0 ]] && echo 0 || echo 1)
+  step "attention_m$m" "$PY" bench/attention.py "${att[@]}" --impls fused,full,window --mem-ratio "$ratio" \
+    --no-layer --output "$out/attention_m$m.json"
+done
+for m in 0 N; do
+  ratio=$([[ $m == 0 ]] && echo 0 || echo 1)
+  step "attention_table_m$m" env MEGATRON_LS_WINDOW_POS=table "$PY" bench/attention.py "${att[@]}" --impls fused \
+    --mem-ratio "$ratio" --no-layer --output "$out/attention_table_m$m.json"
+done
+pos_mode=$("$PY" bench/gpu_check_summary.py "$out" --pos-mode 2>/dev/null || echo band)
+step train_throughput env MEGATRON_LS_WINDOW_POS="$pos_mode" "$PY" bench/train_throughput.py "${tput[@]}" \
+  --presets enwik8-12l --types long-short,full --output "$out/train_throughput.json"
+step memory "$PY" bench/memory.py --preset enwik8-30l --gpus 8 --precision bf16 --impl "$mem_impl" "${mem[@]}" \
+  --output "$out/memory.json"
+step memory_v100_path "$PY" bench/memory.py --preset enwik8-30l --gpus 8 --precision fp16 --impl blocked \
+  --overlap-comm "${mem[@]}" --output "$out/memory_v100_path.json"
+
+step tests_kernels env MEGATRON_LS_TRITON_CONFIG=0 "$PY" -m pytest -q -p no:cacheprovider "${pytest_mode[@]}" \
+  tests/test_kernels_fused.py
+step tests_cuda env MEGATRON_LS_TRITON_CONFIG=0 "$PY" -m pytest -q -p no:cacheprovider "${pytest_mode[@]}" tests \
+  -k cuda --ignore=tests/test_kernels_fused.py --continue-on-collection-errors
 [[ ${rc[tests_cuda]} == 5 ]] && rc[tests_cuda]=0  # 5 = no test selected
-tail -3 "$out/tests_cuda.log"
-
-# 2. The attention benchmark: one layer, bf16 autocast, 32K tokens per step, memory M = 0 and M = N.
-for mr in 0 1; do
-  status "bench/attention.py mem-ratio $mr"
-  timeout "$(cap 100)" "$PY" bench/attention.py --device cuda --dtype bf16 --tokens 32768 --sizes 2048,4096,8192,32768 \
-    --impls fused,full,window --mem-ratio $mr --repeat 10 --no-layer --output "$out/attention-m$mr.json" \
-    2>&1 | tee "$out/bench_m$mr.log" | grep -v '^wrote'; rc[bench_m$mr]=${PIPESTATUS[0]}
-  status "bench/attention.py mem-ratio $mr, fused with the window position table"
-  MEGATRON_LS_WINDOW_POS=table timeout "$(cap 60)" "$PY" bench/attention.py --device cuda --dtype bf16 --tokens 32768 \
-    --sizes 2048,4096,8192,32768 --impls fused --mem-ratio $mr --repeat 10 --no-layer \
-    --output "$out/attention-m$mr-table.json" > "$out/bench_m$mr-table.log" 2>&1; rc[bench_m$mr-table]=$?
-done
-
-# 2b. Whole model (enwik8-12l): tokens/s long-short vs full (issue 6: >= 1.5x at 8K, >= 3x at 32K), and the
-#     memory estimate against a measured 2-layer slice on this card.
-#     The window position mode that was faster for one layer at N = 32K, M = 0 runs the whole model.
-pos_mode=$("$PY" - "$out" <<'PYEOF' 2>/dev/null || echo band
-import json, os, sys
-ms = {}
-for mode, name in (("band", "attention-m0.json"), ("table", "attention-m0-table.json")):
-    path = os.path.join(sys.argv[1], name)
-    if os.path.exists(path):
-        ms.update({mode: r["ms"] for r in json.load(open(path))["rows"] if r["impl"] == "fused" and r["N"] == 32768})
-print(min(ms, key=ms.get) if ms else "band")
-PYEOF
-)
-status "bench/train_throughput.py enwik8-12l (MEGATRON_LS_WINDOW_POS=$pos_mode)"
-MEGATRON_LS_WINDOW_POS=$pos_mode timeout "$(cap 120)" "$PY" bench/train_throughput.py --device cuda --presets enwik8-12l --types long-short,full \
-  --sizes 8192,32768 --steps 5 --warmup 2 --output "$out/train_throughput.json" > "$out/train_throughput.log" 2>&1
-rc[train_tput]=$?; tail -8 "$out/train_throughput.log"
-status "bench/memory.py enwik8-30l N=8192, measured 2-layer slice"
-timeout "$(cap 40)" "$PY" bench/memory.py --preset enwik8-30l --seq-length 8192 --gpus 8 --precision bf16 \
-  --device cuda --measure-layers 2 --output "$out/memory.json" > "$out/memory.log" 2>&1
-rc[memory]=$?; tail -6 "$out/memory.log"
-
-# 3. The other autotune tiles on the bf16 cases (the benchmark may pick any of them).
 for tile in 1 2 3; do
-  status "pytest: bf16 cases with tile $tile"
-  MEGATRON_LS_TRITON_CONFIG=$tile timeout "$(cap 45)" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_fused.py \
-    -k "bf16 and (ragged or clamped)" > "$out/tests_tile$tile.log" 2>&1; rc[tile$tile]=$?
-  tail -1 "$out/tests_tile$tile.log"
+  step "tile$tile" env MEGATRON_LS_TRITON_CONFIG=$tile "$PY" -m pytest -q -p no:cacheprovider "${pytest_mode[@]}" \
+    tests/test_kernels_fused.py -k "bf16 and (ragged or clamped)"
+  [[ ${rc[tile$tile]} == 5 ]] && rc[tile$tile]=0
 done
 
-# 4. The short table.
-status "done"
 for k in "${!rc[@]}"; do echo "$k=${rc[$k]}"; done | sort > "$out/rc.txt"
-"$PY" - "$out" <<'PYEOF'
-import json, os, sys
-out = sys.argv[1]
-rcs = dict(line.strip().split("=") for line in open(os.path.join(out, "rc.txt")))
-print("\n==================== gpu_check summary ====================")
-for k, v in sorted(rcs.items()):
-    print(f"{k:<14} {'ok' if v == '0' else 'FAILED (rc ' + v + ', timeout if 124)'}")
-targets = {8192: 3.0, 32768: 4.0}  # issue 6, ms fwd+bwd, bf16, 32K tokens per step
-for mr in (0, 1):
-    path = os.path.join(out, f"attention-m{mr}.json")
-    if not os.path.exists(path):
-        print(f"no benchmark results for M = {mr}*N"); continue
-    res = json.load(open(path))
-    rows = {(r["impl"], r["N"]): r for r in res["rows"]}
-    table_path = os.path.join(out, f"attention-m{mr}-table.json")
-    if os.path.exists(table_path):
-        rows.update({("fused-table", r["N"]): r for r in json.load(open(table_path))["rows"] if r["impl"] == "fused"})
-    print(f"\n{res['env']['device_name']}, bf16, one layer fwd+bwd, 32K tokens/step, M = {mr}*N (ms | peak GiB)")
-    print(f"{'N':>6} {'B':>3} {'fused':>15} {'fused (table)':>15} {'full':>15} {'window':>15}  targets (best fused)")
-    for n in sorted({n for _, n in rows}):
-        cells, b = [], ""
-        for impl in ("fused", "fused-table", "full", "window"):
-            r = rows.get((impl, n), {})
-            b = r.get("B", b)
-            cells.append(f"{r['ms']:7.2f} |{r['mem_mib'] / 1024:5.2f}" if "ms" in r else "skipped".rjust(15))
-        full = rows.get(("full", n), {})
-        f = min((rows[k] for k in (("fused", n), ("fused-table", n)) if "ms" in rows.get(k, {})),
-                key=lambda r: r["ms"], default={})
-        checks = []
-        if "ms" in f and n in targets:
-            checks.append(f"<= {targets[n]} ms: {'PASS' if f['ms'] <= targets[n] else 'FAIL'}")
-        if "ms" in f and "ms" in full and n >= 4096:
-            checks.append(f"vs full: {'PASS' if f['ms'] <= full['ms'] else 'FAIL'}")
-        if "ms" in f and n == 32768:
-            checks.append(f"peak <= 1 GiB: {'PASS' if f['mem_mib'] <= 1024 else 'FAIL'}")
-        print(f"{n:>6} {b:>3} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {cells[3]:>15}  {'; '.join(checks)}")
-PYEOF
+echo "[gpu_check +$((SECONDS - start))s] summary (cap ${cap[summary]} s)"
+timeout -k 1 $((cap[summary] - 1)) "$PY" bench/gpu_check_summary.py "$out" 2>&1 | tee "$out/summary.log"
+echo "elapsed $((SECONDS - start)) s" >> "$out/caps.txt"
+tar -czf "$tarball" -C "$(dirname "$out")" "$(basename "$out")" || { echo "gpu_check: error: tar failed"; exit 1; }
+echo "gpu_check: tarball: $tarball"

@@ -15,7 +15,7 @@ activations. Writes JSON (bench/results/memory-<preset>-N<seq>.json or --output)
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
 import platform
 import sys
@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.results_json import write_json  # noqa: E402
 from megatron_ls.model import TransformerLSConfig  # noqa: E402
 from megatron_ls.model.attention import fused_available  # noqa: E402
 from megatron_ls.model.config import PRESETS  # noqa: E402
@@ -37,8 +38,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def layouts(config: TransformerLSConfig, gpus: int, micro: int, global_batch: int | None,
             base: dict) -> list[TrainingLayout]:
     out = []
+    # Pipeline stages are split by DeepSpeed's own partitioning: without DeepSpeed (a bare GPU image) only PP 1.
+    pps = (1, 2, 4, 8) if importlib.util.find_spec("deepspeed") else (1,)
     for tp in (t for t in (1, 2, 4, 8) if gpus % t == 0 and config.num_attention_heads % t == 0):
-        for pp in (p for p in (1, 2, 4, 8) if gpus % (tp * p) == 0 and p <= config.num_layers):
+        for pp in (p for p in pps if gpus % (tp * p) == 0 and p <= config.num_layers):
             dp = gpus // (tp * pp)
             lanes = global_batch or micro * dp
             if lanes % (micro * dp):
@@ -136,6 +139,8 @@ def main() -> int:
     p.add_argument("--impl", default="fused", choices=("fused", "blocked"), help="the long-short core on the GPUs")
     p.add_argument("--device-gib", type=float, default=32.0, help="memory per GPU the 'fits' column is checked against")
     p.add_argument("--reduce-bucket-size", type=int, default=500_000_000, help="DeepSpeed ZeRO 1/2 bucket (elements)")
+    p.add_argument("--overlap-comm", action="store_true",
+                   help="ZeRO 1/2 with zero_optimization.overlap_comm (two reduce buckets)")
     p.add_argument("--measure-layers", type=int, default=0, help="also run a slice of this many layers here")
     p.add_argument("--measure-seq", type=int, help="segment length of the measured slice [min(seq, 2048) on CPU]")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -144,7 +149,8 @@ def main() -> int:
 
     mem = a.seq_length if a.mem_length is None else a.mem_length
     config = TransformerLSConfig.from_preset(a.preset, mem_length=mem, attention_impl=a.impl)
-    base = dict(precision=a.precision, attention_impl=a.impl, reduce_bucket_size=a.reduce_bucket_size)
+    base = dict(precision=a.precision, attention_impl=a.impl, reduce_bucket_size=a.reduce_bucket_size,
+                overlap_comm=a.overlap_comm)
     budget = a.device_gib * GiB
     rows = []
     for layout in layouts(config, a.gpus, a.micro_batch_size, a.global_batch_size, base):
@@ -171,7 +177,14 @@ def main() -> int:
     else:
         print(f"no layout fits {a.device_gib:g} GiB per GPU")
 
-    measured = None
+    out = a.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"memory-{a.preset}-N{a.seq_length}.json")
+    result = {"preset": a.preset, "seq_length": a.seq_length, "mem_length": mem, "gpus": a.gpus,
+              "precision": a.precision, "attention_impl": a.impl, "device_gib": a.device_gib, "rows": rows,
+              "simplest_fitting": choice["layout"] if choice else None, "measured": None,
+              "host": platform.node(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    write_json(out, result)  # the estimate first: a measurement cut short by a time limit loses only itself
+
     if a.measure_layers:
         device = torch.device(a.device)
         seq = a.measure_seq or (a.seq_length if device.type == "cuda" else min(a.seq_length, 2048))
@@ -187,15 +200,8 @@ def main() -> int:
                   f"{measured['profiler_peak_estimated'] / GiB:.3f} GiB estimated "
                   f"(ratio {measured['profiler_ratio']:.3f})")
 
-    out = a.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"memory-{a.preset}-N{a.seq_length}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    result = {"preset": a.preset, "seq_length": a.seq_length, "mem_length": mem, "gpus": a.gpus,
-              "precision": a.precision, "attention_impl": a.impl, "device_gib": a.device_gib, "rows": rows,
-              "simplest_fitting": choice["layout"] if choice else None, "measured": measured,
-              "host": platform.node(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+        result["measured"] = measured
+        write_json(out, result)
     print(f"wrote {out}")
     return 0
 

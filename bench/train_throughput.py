@@ -9,13 +9,13 @@ tokens with the memory carried from step to step (M = N unless --mem-ratio), and
 MFU = analytic model FLOPs (megatron_ls.training.flops: useful multiply-adds, backward = 2 x forward, recompute
 not counted) per second over the matmul rate of this device measured in the same run (CUDA: bf16 8192^3; CPU:
 fp32 2048^3). Peak memory: CUDA max_memory_allocated; CPU the process's peak resident size (ru_maxrss, monotone
-over the run). Writes JSON (bench/results/train_throughput-<device>.json or --output) and prints a table.
+over the run). Writes JSON (bench/results/train_throughput-<device>.json or --output) after every row and prints a
+table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.results_json import write_json  # noqa: E402
 from megatron_ls.model import TransformerLSConfig  # noqa: E402
 from megatron_ls.model.lm import TransformerLSLM  # noqa: E402
 from megatron_ls.training.flops import training_flops  # noqa: E402
@@ -110,7 +111,11 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if not cpu else platform.processor() or platform.machine()
     print(f"{name}: matmul {'bf16 8192^3' if not cpu else 'fp32 2048^3'} = {rate / 1e12:.3f} TFLOP/s; "
           f"{torch.get_num_threads()} threads" if cpu else f"{name}: bf16 matmul {rate / 1e12:.1f} TFLOP/s")
-    rows = []
+    out = a.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"train_throughput-{device.type}.json")
+    rows: list[dict] = []
+    result = {"device": name, "matmul_flops_per_s": rate, "threads": torch.get_num_threads(), "rows": rows,
+              "steps": steps, "warmup": a.warmup, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     for preset in a.presets.split(","):
         for N in sizes:
             for attention_type in a.types.split(","):
@@ -128,6 +133,7 @@ def main() -> int:
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
                     rows.append(row)
+                    write_json(out, result)
                     print(f"{preset} {attention_type} N={N}: out of memory")
                     torch.cuda.empty_cache()
                     continue
@@ -137,6 +143,7 @@ def main() -> int:
                            tokens_per_s=batch * N / step_s, peak_gib=res["peak_bytes"] / GiB,
                            model_tflops_per_step=flops / 1e12, mfu=flops / step_s / rate, params=res["params"])
                 rows.append(row)
+                write_json(out, result)
                 print(f"  {preset} x{config.num_layers} {attention_type:<10} N={N:<6} B={batch}: "
                       f"{row['ms_per_step']:.0f} ms/step, {row['tokens_per_s']:,.0f} tok/s, MFU {row['mfu']:.1%}")
 
@@ -152,13 +159,7 @@ def main() -> int:
         print(f"{r['preset']:<11} {r['layers']:>6} {r['attention_type']:<10} {r['N']:>6} {r['batch']:>3} "
               f"{r['ms_per_step']:>9.0f} {r['min_ms']:>9.0f} {r['tokens_per_s']:>10,.0f} {r['peak_gib']:>9.2f} "
               f"{r['mfu']:>7.1%}")
-    out = a.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"train_throughput-{device.type}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"device": name, "matmul_flops_per_s": rate, "threads": torch.get_num_threads(), "rows": rows,
-                   "steps": steps, "warmup": a.warmup, "torch": torch.__version__,
-                   "date": time.strftime("%Y-%m-%d")}, f, indent=1)
+    write_json(out, result)
     print(f"wrote {out}")
     return 0
 

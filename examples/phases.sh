@@ -5,7 +5,8 @@
 #
 # Set before sourcing: PRESET, DATA, OUT, LRS (3 values), WD, DROPOUT, DS_CONFIG.
 # Optional: LAUNCH (default: every local GPU via `deepspeed`), GBS (3 values: lanes per step),
-#           ITERS (3 values), WARMUP (3 values), EXTRA (more flags for every phase).
+#           ITERS (3 values), WARMUP (3 values), RECOMPUTE (3 values: none | selective | full, the
+#           activation recomputation of each phase), EXTRA (more flags for every phase).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
@@ -15,11 +16,18 @@ ITERS=(${ITERS:-430000 50000 50000})
 WARMUP=(${WARMUP:-10000 5000 5000})
 GBS=(${GBS:-32 16 8})                    # our choice: 64K tokens per step in every phase
 LRS=(${LRS})
+RECOMPUTE=(${RECOMPUTE:-none none none})
 EXTRA="${EXTRA:-}"
 
 # --clip-grad 0.25 is Transformer-XL's enwik8 value (the anchors do not list the paper's).
 run_phase() {  # phase index 0..2
-  local i=$1 dir="$OUT/phase$(($1 + 1))" load=()
+  local i=$1 dir="$OUT/phase$(($1 + 1))" load=() recompute=()
+  case "${RECOMPUTE[$i]}" in
+    none) ;;
+    selective) recompute=(--recompute-granularity selective) ;;   # the attention scores only (Megatron's selective)
+    full) recompute=(--checkpoint-activations) ;;                 # every layer
+    *) echo "phases.sh: RECOMPUTE must hold none|selective|full for each phase, got '${RECOMPUTE[$i]}'" >&2; exit 2 ;;
+  esac
   if [ -f "$dir/latest" ]; then
     load=(--load "$dir")                                  # resume this phase exactly
   elif [ "$i" -gt 0 ]; then
@@ -35,7 +43,7 @@ run_phase() {  # phase index 0..2
     --deepspeed_config "$DS_CONFIG" \
     --save "$dir" --save-interval 5000 --keep-last 2 \
     --eval-interval 10000 --eval-iters 50 --log-interval 100 --tensorboard-dir "$dir/tensorboard" \
-    "${load[@]}" $EXTRA
+    "${load[@]}" "${recompute[@]}" $EXTRA
 }
 
 for phase in 0 1 2; do

@@ -8,9 +8,14 @@ import re
 import subprocess
 
 import pytest
+import torch
 
+from megatron_ls.model import TransformerLSConfig
+from megatron_ls.training import arguments
 from megatron_ls.training.arguments import finalize_args, parse_args
-from megatron_ls.training.ds_config import build_ds_config
+from megatron_ls.training.ds_config import FP16_LOSS_SCALING, build_ds_config
+from megatron_ls.training.memory_check import HEADROOM, training_layout
+from megatron_ls.training.memory_estimate import GiB, estimate_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,13 +47,21 @@ RECIPES = {  # script: (preset, layers, learning rates of the three phases)
     "enwik8_30l.sh": ("enwik8-30l", 30, [2.5e-4, 1.25e-4, 6.25e-5]),
     "text8_12l.sh": ("text8-12l", 12, [5e-4, 2.5e-4, 1.25e-4]),
 }
+V100_RECIPES = {"enwik8_30l.sh"}  # written for 8 x V100 32 GB (sm_70): fp16, the blocked core
 
 
 @pytest.mark.parametrize("script", sorted(RECIPES))
-def test_recipe_phases_parse_with_their_deepspeed_json(script, tmp_path):
+def test_recipe_phases_parse_with_their_deepspeed_json(script, tmp_path, monkeypatch):
     """Each recipe, launched through a recorder instead of `deepspeed`: three phases of 2048 / 4096 / 8192 tokens,
     memory = segment, lr halved each phase, phases 2 and 3 --finetune from the previous one; the flags and the
-    recipe's DeepSpeed JSON agree (a contradiction would be an error at start) on an 8-GPU layout."""
+    recipe's DeepSpeed JSON agree (a contradiction would be an error at start) on an 8-GPU layout. The V100 recipe is
+    read on a faked V100: fp16 with dynamic loss scaling, `auto` = blocked, and each phase's memory estimate fits
+    32 GB with the start-up check's headroom."""
+    v100 = script in V100_RECIPES
+    if v100:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+        monkeypatch.setattr(arguments, "_cuda", lambda: True)
     record = tmp_path / "calls"
     recorder = tmp_path / "launch.sh"
     recorder.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> "{record}"\nprintf "\\n\\0" >> "{record}"\n')
@@ -72,8 +85,18 @@ def test_recipe_phases_parse_with_their_deepspeed_json(script, tmp_path):
             assert args.load is None and not args.finetune
         else:
             assert args.finetune and args.load == str(out / f"phase{phase}")
-        assert cfg["bf16"]["enabled"] and cfg["train_batch_size"] == args.global_batch_size
+        assert cfg["train_batch_size"] == args.global_batch_size
         assert os.path.exists(args.deepspeed_config)
+        if not v100:
+            assert cfg["bf16"]["enabled"]
+            continue
+        assert cfg["fp16"] == {"enabled": True, **FP16_LOSS_SCALING} and not cfg["bf16"]["enabled"]
+        config = TransformerLSConfig(**args.model, seq_length=args.seq_length)
+        layout = training_layout(args, config, cfg, "cuda")
+        assert layout.attention_impl == "blocked" and layout.precision == "fp16"
+        assert layout.recompute_attention == (phase == 2) and not layout.checkpoint_activations
+        total = estimate_memory(config, args.seq_length, config.mem_length, layout).total
+        assert total <= HEADROOM * 32 * GiB, (phase, total / GiB)
 
 
 def test_hostfile_example_is_deepspeed_syntax():

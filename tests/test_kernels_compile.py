@@ -50,3 +50,49 @@ def test_aot_check_refuses_the_interpreter(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "TRITON_INTERPRET=1 is set" in res.stderr and "Traceback" not in res.stderr
+
+
+_DOT_KERNEL = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot_kernel(A, B, C):
+    i = tl.arange(0, 64)
+    a = tl.load(A + i[:, None] * 64 + i[None, :])
+    b = tl.load(B + i[:, None] * 64 + i[None, :])
+    tl.store(C + i[:, None] * 64 + i[None, :], tl.dot(a, b))
+"""
+
+_COUNT_PRODUCTS = r"""
+import re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dot_kernel import dot_kernel
+
+for arch in (70, 75, 80, 90):
+    src = ASTSource(dot_kernel, {"A": "*fp16", "B": "*fp16", "C": "*fp32"}, constexprs={})
+    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ptx"]
+    print(arch, len(re.findall(r"\bw?gmma\.|\bmma\.sync", ptx)), len(re.findall(r"\bfma\.rn\.f32", ptx)))
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not os.access(PTXAS, os.X_OK), reason="this Triton build ships no ptxas")
+def test_triton_has_no_tensor_core_products_on_volta(tmp_path):
+    """Why `auto` runs the blocked path on a V100 (docs/V100.md): this Triton lowers an fp16 tl.dot to tensor-core
+    MMA on sm_80 / sm_90 but to scalar fp32 FMAs on sm_70 and sm_75. If a Triton release brings Volta's MMA back, this fails:
+    then re-measure and revisit FUSED_MIN_CAPABILITY."""
+    (tmp_path / "dot_kernel.py").write_text(_DOT_KERNEL)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", _COUNT_PRODUCTS], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=280)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = {int(a): (int(mma), int(fma)) for a, mma, fma in (line.split() for line in res.stdout.splitlines())}
+    for arch in (70, 75):  # V100, T4: every multiply-add a scalar FMA (64^3 of them over 128 threads)
+        assert counts[arch][0] == 0 and counts[arch][1] >= 64 * 64 * 64 // 128, counts
+    assert counts[80][0] > 0 and counts[90][0] > 0

@@ -1,7 +1,8 @@
 """Fused GPU implementations behind the reference code's function signatures.
 
 `long_short_attention_fused` runs Triton kernels (forward and backward) for the long-short
-attention core; `fused_available()` says whether they can run here. Triton and the kernels are
+attention core; `fused_available()` says whether they can run here, `fused_preferred()` whether `auto`
+should pick them (compute capability >= 8.0: docs/V100.md). Triton and the kernels are
 imported on first call, so importing this package is cheap, works without Triton, and leaves time
 to set TRITON_INTERPRET=1 (read when the kernels are decorated) before.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ls.kernels.availability import fused_available
+from megatron_ls.kernels.availability import fused_available, fused_preferred
 
 
 def long_short_attention_fused(
@@ -25,4 +26,4 @@ def long_short_attention_fused(
                 chunk_rank=chunk_rank, mem_len=mem_len, dropout_p=dropout_p, softmax_scale=softmax_scale)
 
 
-__all__ = ["fused_available", "long_short_attention_fused"]
+__all__ = ["fused_available", "fused_preferred", "long_short_attention_fused"]

@@ -41,6 +41,8 @@ class Geometry:
 # A long chunk with few landmarks (c 128, r 8) makes the landmark distance band of a tile narrow.
 GEOMETRIES = [Geometry(64, 16, 1, True), Geometry(64, 16, 4, True), Geometry(32, 8, 2, True),
               Geometry(64, 128, 8, True), Geometry(64, 16, 1, False)]
+# fp16: the training dtype on V100 (sm_70, no bf16) and of --fp16 anywhere.
+DTYPES = ("bf16", "fp16", "fp32")
 INT_ARGS = ("H", "N", "P", "M", "L", "ND", "W", "C", "R", "n_cols")
 
 
@@ -81,7 +83,7 @@ def _unwrap(kernel) -> tuple[object, list, dict]:
 
 def variants(quick: bool) -> Iterator[tuple[str, object, dict, str, int, int]]:
     """(label, jit function, constexprs, dtype, num_warps, num_stages) for every variant to compile."""
-    for (name, wrapped), geo, dtype in itertools.product(_kernels().items(), GEOMETRIES, ("bf16", "fp32")):
+    for (name, wrapped), geo, dtype in itertools.product(_kernels().items(), GEOMETRIES, DTYPES):
         if name == "dkdv_landmark" and not geo.has_landmarks:
             continue
         fn, configs, heuristics = _unwrap(wrapped)
@@ -103,7 +105,7 @@ def variants(quick: bool) -> Iterator[tuple[str, object, dict, str, int, int]]:
 
     elementwise = {"bias_gelu_fwd": bias_gelu._bias_gelu_fwd_kernel, "bias_gelu_bwd": bias_gelu._bias_gelu_bwd_kernel}
     for name, fn in elementwise.items():
-        for dtype in ("bf16", "fp32"):
+        for dtype in DTYPES:
             yield f"{name} {dtype} BLOCK={bias_gelu._BLOCK}", fn, {"BLOCK": bias_gelu._BLOCK}, dtype, 4, 1
 
 

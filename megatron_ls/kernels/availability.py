@@ -29,6 +29,21 @@ def fused_available(device: torch.device | str | None = None) -> bool:
     return dev.type == "cpu" and interpreting()
 
 
+# Triton puts tl.dot on tensor cores only from sm_80 on: it dropped Volta's MMA (triton-lang/triton #5066, #5099),
+# so on sm_70 (V100) every product of the kernels is a scalar fp32 FMA, and every tile spills. There the blocked
+# path on cuBLAS's fp16 tensor cores is faster (docs/V100.md).
+FUSED_MIN_CAPABILITY = (8, 0)
+
+
+def fused_preferred(device: torch.device | str) -> bool:
+    """Whether `auto` should run the Triton kernels on `device`: a CUDA device with Triton, compute capability
+    >= FUSED_MIN_CAPABILITY. (`fused` by name still runs wherever fused_available says it can.)"""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not fused_available(dev):
+        return False
+    return tuple(torch.cuda.get_device_capability(dev)) >= FUSED_MIN_CAPABILITY
+
+
 WINDOW_POS_MODES = ("band", "table")
 
 

@@ -38,7 +38,7 @@ class TransformerLSConfig:
     dropout: float = 0.2
     attention_dropout: float = 0.0  # on the joint attention probabilities (the paper uses 0)
     attention_type: str = "long-short"  # "full": causal attention over memory + segment (RoPE, SDPA)
-    attention_impl: str = "auto"  # core of "long-short" and "window"; "auto" = fused on CUDA, else blocked
+    attention_impl: str = "auto"  # core of "long-short" and "window"; "auto": fused on CUDA sm_80+, else blocked
     seq_length: int | None = None  # segment length N; None = checked per call instead
     max_landmark_distance: int | None = None  # clamp of the landmark distance d (chunks); None = none
     init_method_std: float = 0.02

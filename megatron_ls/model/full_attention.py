@@ -30,6 +30,7 @@ class FullSelfAttention(nn.Module):
         self.value = ColumnParallelLinear(D, D, init_method=init)
         self.dense = RowParallelLinear(D, D, init_method=output_init(config))
         self.dropout = nn.Dropout(config.dropout)
+        self.core = full_attention  # (q, k, v, dropout_p=) -> out; bench/attention.py swaps in other cores
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
@@ -45,6 +46,6 @@ class FullSelfAttention(nn.Module):
         v = self._heads(self.value(stream))
         p = self.config.attention_dropout if self.training else 0.0
         with tensor_parallel_rng():
-            out = full_attention(q, k, v, dropout_p=p)
+            out = self.core(q, k, v, dropout_p=p)
         out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)
         return self.dropout(self.dense(out))

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden-size", type=int, help=_default("4 x --hidden-size"))
     g.add_argument("--attention-type", choices=ATTENTION_TYPES, help=model_default("attention_type"))
     g.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
-                   help=f"auto = fused on CUDA, blocked otherwise {model_default('attention_impl')}")
+                   help=f"auto = fused on CUDA compute capability >= 8.0, blocked otherwise (CPU, V100) "
+                        f"{model_default('attention_impl')}")
     g.add_argument("--window-size", type=int, help=model_default("window_size"))
     g.add_argument("--chunk-size", type=int, help=model_default("chunk_size"))
     g.add_argument("--chunk-rank", type=int, help=f"landmarks per chunk (r) {model_default('chunk_rank')}")
@@ -122,8 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta1", type=float, help=_default(RUN_DEFAULTS["adam_beta1"]))
     g.add_argument("--adam-beta2", type=float, help=_default(RUN_DEFAULTS["adam_beta2"]))
     g.add_argument("--adam-eps", type=float, help=_default(RUN_DEFAULTS["adam_eps"]))
-    g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 mixed precision (default: fp32)")
-    g.add_argument("--fp16", action="store_true", default=None, help="CUDA only, with dynamic loss scaling")
+    g.add_argument("--bf16", action="store_true", default=None,
+                   help="bfloat16 mixed precision; CPU or GPUs of compute capability >= 8.0 (default: fp32)")
+    g.add_argument("--fp16", action="store_true", default=None,
+                   help="float16 mixed precision with dynamic loss scaling (DeepSpeed's fp16 section); CUDA only, "
+                        "the V100's precision")
     g.add_argument("--seed", type=int, default=1234, help="seed of every random number generator")
     g.add_argument("--exit-interval", type=int,
                    help="save and exit when the iteration is a multiple of this (Megatron's flag; for staged runs)")
@@ -312,6 +316,11 @@ def finalize_run_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.fp16 and not _cuda():
         raise ConfigError("fp16 (--fp16, or fp16.enabled in --deepspeed_config) needs a CUDA GPU (DeepSpeed refuses "
                           "fp16 on CPU); use --bf16 or fp32")
+    capability = _cuda_capability() if args.bf16 else None
+    if capability is not None and capability < (8, 0):
+        raise ConfigError(f"bf16 (--bf16, or bf16.enabled in --deepspeed_config) needs a GPU of compute capability "
+                          f">= 8.0; this one is sm_{capability[0]}{capability[1]} (a V100 is sm_70: no bf16): use "
+                          "--fp16")
     if args.pipeline_model_parallel_size > 1 and args.zero_stage > 1:
         raise ConfigError(f"--zero-stage {args.zero_stage} cannot be used with pipeline parallelism "
                           "(DeepSpeed's pipeline engine supports ZeRO stage 0 or 1)")
@@ -343,3 +352,12 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    """(major, minor) of this process's CUDA device, None when training runs on the CPU."""
+    if not _cuda():
+        return None
+    import torch
+
+    return tuple(torch.cuda.get_device_capability())

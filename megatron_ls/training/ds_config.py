@@ -31,6 +31,11 @@ _SCALAR_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("adam_eps", ("optimizer", "params", "eps")),
 )
 
+# fp16: DeepSpeed's dynamic loss scaling (loss_scale 0) as Megatron-DeepSpeed's recipes set it: start at 2^11, halve
+# on an overflow after `hysteresis` of them, double after `loss_scale_window` clean steps. A user's JSON may set any.
+FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 11, "loss_scale_window": 500, "hysteresis": 2,
+                     "min_loss_scale": 1}
+
 STEPS_PER_PRINT = 10**9  # our logger prints; DeepSpeed's own step log stays quiet
 
 
@@ -85,6 +90,9 @@ _TYPED: tuple[tuple[tuple[str, ...], str], ...] = (
     (("zero_optimization", "stage"), "stage"), (("bf16", "enabled"), "bool"), (("fp16", "enabled"), "bool"),
     (("optimizer", "params", "lr"), "number"), (("optimizer", "params", "weight_decay"), "number"),
     (("optimizer", "params", "eps"), "number"),
+    (("fp16", "loss_scale"), "non-negative"), (("fp16", "initial_scale_power"), "count"),
+    (("fp16", "loss_scale_window"), "count"), (("fp16", "hysteresis"), "count"),
+    (("fp16", "min_loss_scale"), "non-negative"),
 )
 
 
@@ -106,6 +114,8 @@ def check_user_types(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: {where} must be true or false, got {json.dumps(value)}")
         if kind == "number" and not (number and math.isfinite(value)):
             raise ConfigError(f"{source}: {where} must be a finite number, got {json.dumps(value)}")
+        if kind == "non-negative" and not (number and math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{source}: {where} must be a finite number >= 0, got {json.dumps(value)}")
         if kind == "count" and not (number and value == int(value) and value >= 1):
             raise ConfigError(f"{source}: {where} must be a positive integer, got {json.dumps(value)}")
         if kind == "stage" and (isinstance(value, bool) or value not in (0, 1, 2, 3)):
@@ -175,6 +185,9 @@ def build_ds_config(args: argparse.Namespace, on_cpu: bool) -> dict[str, Any]:
     _set(cfg, ("zero_optimization", "stage"), args.zero_stage)
     _set(cfg, ("bf16", "enabled"), bool(args.bf16))
     _set(cfg, ("fp16", "enabled"), bool(args.fp16))
+    if cfg["fp16"]["enabled"]:
+        for key, value in FP16_LOSS_SCALING.items():
+            _set(cfg, ("fp16", key), value)
 
     opt = cfg.setdefault("optimizer", {"type": "AdamW"})
     opt.setdefault("type", "AdamW")

@@ -119,6 +119,14 @@ class TrainEngine:
         return bool(self.engine.fp16_enabled() and self.engine.dynamic_loss_scale())
 
     @property
+    def loss_scale(self) -> float | None:
+        """fp16's current loss scale (held by DeepSpeed's optimizer wrapper); None without fp16."""
+        if not self.engine.fp16_enabled():
+            return None
+        scale = getattr(self.engine.optimizer, "loss_scale", None)
+        return None if scale is None else float(scale)
+
+    @property
     def global_steps(self) -> int:
         return self.engine.global_steps
 

@@ -99,7 +99,7 @@ class TrainingLogger:
             self.metrics.flush()
 
     def log_train(self, iteration: int, loss: float, lr: float, grad_norm: float | None, tokens: int,
-                  interval_seconds: float, skipped: int = 0) -> None:
+                  interval_seconds: float, skipped: int = 0, loss_scale: float | None = None) -> None:
         """``loss`` is the mean nats/token over the interval; ``tokens`` the tokens it trained on."""
         if not self.active:
             return
@@ -113,11 +113,15 @@ class TrainingLogger:
         line = (f" iteration {iteration:>{width}}/{self.train_iters} | loss {loss:.4f} | bpc {bpc(loss):.4f} | "
                 f"lr {lr:.3E} | grad norm {gn} | tokens/s {tps:,.0f} | elapsed {format_duration(elapsed)} | "
                 f"ETA {format_duration(eta)} | mem {mem / 2**30:.2f} GiB")
+        if loss_scale is not None:  # fp16: Megatron's "loss scale" column
+            line += f" | loss scale {loss_scale:g}"
         if skipped:
             line += f" | skipped {skipped}"
         print(line, flush=True)
         rec = {"iteration": iteration, "lm_loss": loss, "bpc": bpc(loss), "lr": lr, "grad_norm": grad_norm,
                "tokens_per_second": tps, "elapsed_seconds": elapsed, "memory_bytes": mem, "skipped": skipped}
+        if loss_scale is not None:
+            rec["loss_scale"] = loss_scale
         self._record({k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in rec.items()})
         if self.writer is not None:
             w = self.writer
@@ -126,6 +130,8 @@ class TrainingLogger:
             w.add_scalar("learning-rate", lr, iteration)
             if grad_norm is not None and math.isfinite(grad_norm):
                 w.add_scalar("grad-norm", grad_norm, iteration)
+            if loss_scale is not None:
+                w.add_scalar("loss-scale", loss_scale, iteration)
             w.add_scalar("tokens-per-second", tps, iteration)
             w.add_scalar("memory", mem / 2**30, iteration)
             w.flush()

@@ -194,7 +194,7 @@ def _train(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 elapsed = time.monotonic() - interval_start
                 mean = sum(losses) / len(losses) if losses else float("nan")
                 logger.log_train(iteration, mean, _lr(engine), _grad_norm(engine), tokens_per_step * steps_in_interval,
-                                 elapsed, skipped_in_interval)
+                                 elapsed, skipped_in_interval, getattr(engine, "loss_scale", None))
                 losses, steps_in_interval, skipped_in_interval = [], 0, 0
                 interval_start = time.monotonic()
             if (valid_tokens is not None and args.eval_interval and iteration % args.eval_interval == 0
@@ -246,12 +246,21 @@ def _banner(logger: TrainingLogger, args: argparse.Namespace, config: Any, engin
     logger.print(
         f"Transformer-LS: {config.num_layers} layers, width {config.hidden_size}, {config.num_attention_heads} heads, "
         f"window {config.window_size}, chunk {config.chunk_size} x {config.chunk_rank}, memory {config.mem_length}, "
-        f"{config.attention_type}/{config.attention_impl}, vocab {config.vocab_size}, parameters {params}\n"
+        f"{config.attention_type}/{_core_impl(config, layout.device)}, vocab {config.vocab_size}, parameters {params}\n"
         f"layout: world {layout.world_size} = TP {layout.tp} x PP {layout.pp} x DP {layout.dp}, "
         f"ZeRO {args.zero_stage}, {precision}, recompute {_recompute_mode(args)}, backend {layout.backend}\n"
         f"batch: {args.global_batch_size} lanes x {args.seq_length} tokens = {tokens:,} tokens/step "
         f"(micro {args.micro_batch_size}, accumulation {args.gradient_accumulation_steps}); "
         f"data {args.data_path} ({meta.get('dataset', '?')}, train {meta['splits']['train']['tokens']:,} tokens)")
+
+
+def _core_impl(config: Any, device: Any) -> str:
+    """The attention core as configured, and what `auto` picked on this device (by compute capability on CUDA)."""
+    if config.attention_type == "full" or config.attention_impl != "auto":
+        return config.attention_impl
+    from megatron_ls.model.attention import auto_impl
+
+    return f"auto ({auto_impl(device)})"
 
 
 def _recompute_mode(args: argparse.Namespace) -> str:

@@ -50,11 +50,9 @@ def training_layout(args: argparse.Namespace, config: TransformerLSConfig, ds_co
     """The estimate's view of this run: batch, parallel sizes, ZeRO settings, precision, attention kernel."""
     zero = ds_config.get("zero_optimization") or {}
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    impl = config.attention_impl
-    if impl == "auto":
-        from megatron_ls.model.attention import fused_available
+    from megatron_ls.model.attention import resolve_impl
 
-        impl = "fused" if device_type == "cuda" and fused_available("cuda") else "blocked"
+    impl = resolve_impl(config.attention_impl, device_type)
     return TrainingLayout(micro_batch_size=args.micro_batch_size, grad_accum_steps=args.gradient_accumulation_steps,
                           tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                           dp=args.data_parallel_size, zero_stage=int(zero.get("stage", args.zero_stage)),

@@ -41,7 +41,7 @@ compressed k/v through the other, both over the full width D).
 
 from megatron_ls.model.attention.blocked import long_short_attention_blocked
 from megatron_ls.model.attention.common import landmark_distance_rows
-from megatron_ls.model.attention.dispatch import fused_available, long_short_attention, resolve_impl
+from megatron_ls.model.attention.dispatch import auto_impl, fused_available, long_short_attention, resolve_impl
 from megatron_ls.model.attention.full import full_attention, full_attention_dense
 from megatron_ls.model.attention.reference import long_short_attention_reference
 
@@ -53,5 +53,6 @@ __all__ = [
     "full_attention_dense",
     "landmark_distance_rows",
     "fused_available",
+    "auto_impl",
     "resolve_impl",
 ]

@@ -30,10 +30,26 @@ def fused_available(device: torch.device | str | None = None) -> bool:
     return bool(check(device)) if check is not None else True
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """'auto' is the fused kernel on CUDA when it can run there, `blocked` everywhere else."""
+def auto_impl(device: torch.device | str) -> str:
+    """What `auto` runs on `device`: the fused kernels on a CUDA device where Triton uses tensor cores (compute
+    capability >= 8.0: A100, H100), `blocked` elsewhere: on the CPU, and on V100 (sm_70), where Triton's products
+    are scalar FMAs and cuBLAS's fp16 tensor cores make the blocked path faster (docs/V100.md)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "blocked"
+    try:
+        from megatron_ls.kernels import fused_preferred
+
+        _fused()
+    except (ImportError, NotImplementedError):
+        return "blocked"
+    return "fused" if fused_preferred(device) else "blocked"
+
+
+def resolve_impl(impl: str, device: torch.device | str) -> str:
+    """The implementation `impl` names on `device`; 'auto' is decided by auto_impl."""
     if impl == "auto":
-        return "fused" if device.type == "cuda" and fused_available(device) else "blocked"
+        return auto_impl(device)
     if impl not in ("reference", "blocked", "fused"):
         raise ValueError(f"attention_impl must be reference | blocked | fused | auto, got {impl!r}")
     return impl
