@@ -83,8 +83,8 @@ for arch in (70, 75, 80, 90):
 @pytest.mark.skipif(not os.access(PTXAS, os.X_OK), reason="this Triton build ships no ptxas")
 def test_triton_has_no_tensor_core_products_on_volta(tmp_path):
     """Why `auto` runs the blocked path on a V100 (docs/V100.md): this Triton lowers an fp16 tl.dot to tensor-core
-    MMA on sm_80 / sm_90 but to scalar fp32 FMAs on sm_70 and sm_75. If a Triton release brings Volta's MMA back, this fails:
-    then re-measure and revisit FUSED_MIN_CAPABILITY."""
+    MMA on sm_80 / sm_90 but to scalar fp32 FMAs on sm_70 and sm_75. If a Triton release brings Volta's MMA back,
+    this fails: then re-measure and revisit FUSED_MIN_CAPABILITY."""
     (tmp_path / "dot_kernel.py").write_text(_DOT_KERNEL)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), TRITON_DEFAULT_FP_FUSION="1",
