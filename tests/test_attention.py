@@ -211,3 +211,18 @@ def test_blocked_never_materialises_the_full_score_matrix():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         long_short_attention_blocked(*args, **kw)
     assert 0 < largest < N * (M + N) // 2
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on the CPU, as meant
+@pytest.mark.parametrize("n,s,w", [(64, 64, 16), (32, 96, 24), (48, 48, 100)])
+def test_flexattention_sliding_window_is_the_window_it_names(n, s, w):
+    """bench/attention.py's `window` row: query i (at key position s - n + i) sees keys s - n + i - w < j <= s - n + i.
+    Forward only: FlexAttention has no CPU backward (the benchmark runs it on CUDA, compiled)."""
+    from megatron_ls.model.attention.sliding_window import sliding_window_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, length, 16, generator=g) for length in (n, s, s))
+    t = torch.arange(n)[:, None] + (s - n)
+    visible = (torch.arange(s)[None, :] <= t) & (torch.arange(s)[None, :] > t - w)
+    scores = (q @ k.transpose(-1, -2) * 16 ** -0.5).masked_fill(~visible, float("-inf"))
+    torch.testing.assert_close(sliding_window_attention(q, k, v, window=w), torch.softmax(scores, -1) @ v)

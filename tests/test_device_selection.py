@@ -80,8 +80,14 @@ def test_bf16_is_refused_on_a_v100_and_fp16_gets_dynamic_loss_scaling(gpu):
                                           r"use --fp16"):
         build_ds_config(args, on_cpu=False)  # where the run's settings are completed and checked
     args = finalize_args(parse_args(base + ["--fp16"]), world_size=1)
-    fp16 = build_ds_config(args, on_cpu=False)["fp16"]
-    assert fp16 == {"enabled": True, **FP16_LOSS_SCALING} and fp16["loss_scale"] == 0  # 0 = dynamic
+    cfg = build_ds_config(args, on_cpu=False)
+    assert cfg["fp16"] == {"enabled": True, **FP16_LOSS_SCALING} and cfg["fp16"]["loss_scale"] == 0  # 0 = dynamic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    scaler = DeepSpeedConfig(cfg).float16_config  # how DeepSpeed reads the section: dynamic scaling from 2^11
+    assert scaler.enabled and scaler.loss_scale == 0
+    assert scaler.dynamic_loss_scale_args() == {"init_scale": 2**11, "scale_window": 500, "delayed_shift": 2,
+                                                "consecutive_hysteresis": False, "min_scale": 1}
     gpu(8, 0)
     args = finalize_args(parse_args(base + ["--bf16"]), world_size=1)
     cfg = build_ds_config(args, on_cpu=False)
