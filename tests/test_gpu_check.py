@@ -42,7 +42,14 @@ def test_gpu_check_dry_run_walks_every_step_into_one_tarball(tmp_path):
                                                    lines[0])[1].split())
     assert list(caps) == STEPS
     assert sum(map(int, caps.values())) == int(re.search(r"total (\d+) s", lines[0])[1]) <= 420
-    assert any(line.startswith("gpu_check: python: python3 ") for line in lines)
+    # A repo-local .venv with torch (scripts/setup_env.sh makes one) comes first; otherwise `python3`, `python` being
+    # absent from PATH here.
+    venv = os.path.join(ROOT, ".venv", "bin", "python")
+    has_venv = os.access(venv, os.X_OK) and subprocess.run(
+        [venv, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)"],
+        capture_output=True, timeout=60).returncode == 0
+    picked = ".venv/bin/python" if has_venv else "python3"
+    assert any(line.startswith(f"gpu_check: python: {picked} ") for line in lines), lines[:3]
     ran = [re.match(r"\[gpu_check \+\d+s\] (\w+) \(cap (\d+) s\)", line).groups() for line in lines
            if line.startswith("[gpu_check +")]
     assert ran == [(name, caps[name]) for name in STEPS]
