@@ -62,21 +62,28 @@ def sigterm_raises() -> Iterator[None]:
 def uninterruptible() -> Iterator[None]:
     """SIGINT and SIGTERM wait until the block is done, then take effect (keep the block short).
 
-    They are blocked for this thread, and in the main thread one that reaches another thread is
-    recorded rather than handled. When the block ends the first of them is delivered to the handler
-    it would have met; the exception that raises carries ``published = True`` when the block itself
+    In the main thread their handlers only record them; in another thread (where Python cannot set
+    handlers) they are blocked. When the block ends the first of them is delivered to the handler it
+    would have met; the exception that raises carries ``published = True`` when the block itself
     completed (the output is whole: a tool can say so).
+
+    The main thread does not block them: a process-directed signal that the main thread blocks goes to
+    another thread (numpy's OpenBLAS workers, say), whose C handler can run after the block has ended and
+    the handlers were restored, so the signal would be lost. Unblocked, the kernel gives it to the main
+    thread, where the recording handler sees it before the block ends.
     """
     pending: list[int] = []
+    main = _main_thread()
     handlers = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
-                for s in STOP_SIGNALS} if _main_thread() else {}
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                for s in STOP_SIGNALS} if main else {}
+    old_mask = None if main else signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     done = False
     try:
         yield
         done = True
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # one held back is recorded here
+        if old_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # one held back is delivered here
         for s, handler in handlers.items():
             _restore(s, handler)
         if pending:

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -109,6 +110,25 @@ def test_uninterruptible_delivers_the_signal_after_the_block(sig, exc):
         assert done == [1] and info.value.published is True
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_uninterruptible_keeps_a_signal_that_another_thread_could_take():
+    """A process-directed SIGTERM while other threads run (numpy's OpenBLAS workers in the tools): it must
+    still reach the block's end, every time (it once went to another thread and was lost)."""
+    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    stop = threading.Event()
+    others = [threading.Thread(target=stop.wait, daemon=True) for _ in range(4)]
+    for t in others:
+        t.start()
+    try:
+        for _ in range(200):
+            with pytest.raises(Terminated) as info:
+                with uninterruptible():
+                    os.kill(os.getpid(), signal.SIGTERM)
+            assert info.value.published is True
+    finally:
+        stop.set()
         signal.signal(signal.SIGTERM, before)
 
 
