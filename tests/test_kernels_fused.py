@@ -167,3 +167,35 @@ def test_fused_under_autocast_cuda():
     assert all(t.grad is not None and t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all() for t in ts)
     ref = long_short_attention_reference(*[t.detach() for t in ts], **geo)
     assert rel_err(out.float(), ref) <= 1e-2
+
+
+# ---- The work account (bench/kernel_work.py) against what the interpreter executes ----
+WORK_CASES = {"memory_ragged": SMALL["multi_block"], "rank2_clamped": SMALL["multi_block_r2"],
+              "no_memory": (1, 1, 96, 16, 32, 8, 1, 0, None, True), "window_only": SMALL["window_only"]}
+
+
+@pytest.mark.skipif(CUDA, reason="counts what Triton's interpreter executes")
+@pytest.mark.parametrize("case", list(WORK_CASES))
+def test_work_account_equals_what_the_kernels_execute(case, window_pos):
+    """megatron_ls.kernels.work counts each launch's dots, bytes and atomics from its grid, tile and loop bounds;
+    the interpreter counts what the kernels do. Equal for every kernel (tests/test_kernels_tiles.py: every tile)."""
+    from megatron_ls.kernels.launches import CoreGeometry, recorded_launches
+    from megatron_ls.kernels.work import launch_work
+    from tests.triton_interpreter import executed_work
+
+    B, H, N, dh, w, c, r, M, clamp, lm = WORK_CASES[case]
+    geo = CoreGeometry(B, H, N, M, dh, w, c, r, clamp, lm)
+    with recorded_launches() as launches:
+        out = long_short_attention_fused(*[t.requires_grad_() for t in geo.inputs(torch.float32)], **geo.kwargs())
+        out.backward(torch.zeros_like(out))
+    account = {launch.name: launch_work(launch) for launch in launches}
+    assert len(account) == len(launches) == (4 if lm else 3)
+
+    tensors, kw = make_inputs(B, H, N, dh, w, c, r, M, clamp, lm, dtype=torch.float32)
+    with executed_work() as executed:
+        run(long_short_attention_fused, tensors, kw, torch.ones(B, H, N, dh))
+    assert executed.keys() == account.keys()
+    for name, work in account.items():
+        assert executed[name].dots == work.dots, name
+        assert (executed[name].bytes, executed[name].atomics) == (work.bytes, work.atomics), name
+    assert account["_bwd_window_kernel"].flops > 0 and account["_bwd_window_kernel"].atomics > 0

@@ -35,19 +35,20 @@ def test_each_cuda_tile_matches_reference_in_the_interpreter(tile):
 
 
 @pytest.mark.parametrize("kernel", sorted(_TILES))
-@pytest.mark.parametrize("c,r", [(16, 1), (16, 4), (8, 2), (4, 3), (128, 8), (2, 1)])
+@pytest.mark.parametrize("c,r", [(16, 1), (16, 4), (8, 2), (4, 3), (128, 8), (2, 1), (12, 1), (16, 32)])
 def test_landmark_band_holds_every_distance_of_a_tile(kernel, c, r):
     """Brute force over query and landmark block offsets: the distances of the LSTEP landmarks a tile owns lie in
-    [dlo, dlo + NDL), dlo as the kernels compute it, so the band and its gather never miss a row."""
+    [dlo, dlo + NDL), dlo as the kernels compute it, so the band and its gather never miss a row. The memory
+    length is a multiple of c (the contract), which the band sizes rely on."""
     from megatron_ls.kernels.triton_setup import BAND_SIZES
 
-    for bm, bn, _, _ in _TILES[kernel]:
+    for bm, bn, _, _ in _TILES[kernel] + [(16, 16, 1, 1)]:  # + the interpreter's tile
         meta = {"BM": bm, "BN": bn, "C": c, "R": r}
         for name, rule in BAND_SIZES.items():
             meta[name] = rule(meta)
         ndl, step = meta["NDL"], meta["LSTEP"]
         assert 1 <= step <= bn and ndl >= 16 and ndl & (ndl - 1) == 0
-        for m in (0, 5, c):  # memory length shifts the queries' chunks
+        for m in (0, c, 3 * c):  # memory length shifts the queries' chunks
             for i0 in range(0, 4 * bm, bm):
                 for l0 in range(0, 6 * step, step):
                     dlo = (m + i0) // c - 1 - (l0 + step - 1) // r

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -56,3 +57,9 @@ def window_pos_mode() -> str:
     if mode not in WINDOW_POS_MODES:
         raise ValueError(f"MEGATRON_LS_WINDOW_POS must be one of {', '.join(WINDOW_POS_MODES)}, got {mode!r}")
     return mode
+
+
+def autocast_off(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast disabled on t's device; nothing on meta tensors (aot_check and bench/kernel_work.py run the host
+    code on them to record the launches), which have no autocast."""
+    return contextlib.nullcontext() if t.is_meta else torch.autocast(t.device.type, enabled=False)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_ls.kernels.availability import autocast_off
+
 _BLOCK = 1024  # most columns per program; 0.7071... = 1/sqrt(2), 0.3989... = 1/sqrt(2 pi) below
 
 
@@ -71,5 +73,5 @@ def bias_gelu(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"bias_gelu: bias must be ({y.shape[-1]},) for y {tuple(y.shape)}, got {tuple(bias.shape)}")
     # The bias keeps its dtype (fp32 master under autocast): the kernel reads it in fp32 and its gradient, a sum
     # over every row, is accumulated and returned in fp32.
-    with torch.autocast(y.device.type, enabled=False):
+    with autocast_off(y):
         return _BiasGelu.apply(y, bias)

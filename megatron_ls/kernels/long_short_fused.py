@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ls.kernels.availability import window_pos_mode
+from megatron_ls.kernels.availability import autocast_off, window_pos_mode
 from megatron_ls.kernels.ls_backward import long_short_backward
 from megatron_ls.kernels.ls_forward import long_short_forward
 from megatron_ls.model.attention.common import check_long_short_shapes
@@ -70,7 +70,7 @@ def long_short_attention_fused(
     dt = _compute_dtype(q)
     if k_lm.shape[2] == 0:  # window only: the landmark table is never read; keep one valid row
         r_lm = r_lm.new_zeros((q.shape[1], 1, dh)) if r_lm.dim() != 3 or r_lm.shape[1] < 1 else r_lm
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q):
         args = [t.to(dt).contiguous() for t in (q, k_win, v_win, k_lm, v_lm)]
         args += [pos_bias_u.contiguous(), pos_bias_v.contiguous()]
         args += [t.to(dt).contiguous() for t in (r_win, r_lm)]

@@ -12,10 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_ls.kernels.ls_tiles import landmark_tile, load_queries, query_block, window_tile, window_tile_table
+from megatron_ls.kernels.ls_tiles import (
+    landmark_count,
+    landmark_tile,
+    load_queries,
+    load_rows,
+    window_key_range,
+    window_tile,
+    window_tile_table,
+)
 from megatron_ls.kernels.triton_setup import BAND_SIZES, configs
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -36,9 +42,14 @@ def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, QR, OUT, LSE, scale,
                 H, N, P, M, L, ND, W, C, R,
                 DH: tl.constexpr, HAS_LM: tl.constexpr, POS_TABLE: tl.constexpr, PREC: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr, NDL: tl.constexpr, LSTEP: tl.constexpr):
-    bh, h, i0, offs_i, offs_d, offs_n = query_block(H, BM, BN, DH)
-    row_ok = offs_i < N
-
+    # One program per (query block, batch*head): the visible landmark blocks, then the window key blocks, under
+    # ONE online softmax.
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    i0 = tl.program_id(0) * BM
+    offs_i = i0 + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, DH)
     qs, qu, qv = load_queries(Q, U, V, bh, h, offs_i, N, scale, DH)
 
     m_i = tl.full((BM,), -1.0e30, dtype=tl.float32)
@@ -46,39 +57,31 @@ def _fwd_kernel(Q, KW, VW, KL, VL, U, V, RW, RL, QR, OUT, LSE, scale,
     acc = tl.zeros((BM, DH), dtype=tl.float32)
 
     if HAS_LM:
-        i_last = tl.minimum(i0 + BM, N) - 1
-        n_vis = (M + i_last) // C * R  # landmarks of the chunks before the last query's chunk
-        kl_base = KL + bh * L * DH
-        vl_base = VL + bh * L * DH
-        for l0 in range(0, n_vis, LSTEP):
+        for l0 in range(0, landmark_count(i0, M, N, C, R, BM), LSTEP):
             offs_l = l0 + offs_n
             l_end = tl.minimum(l0 + LSTEP, L)
-            kv_mask = (offs_l < l_end)[:, None]
-            kl = tl.load(kl_base + offs_l[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
-            vl = tl.load(vl_base + offs_l[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
-            scores, vis, _rb, _band = landmark_tile(qs, kl, RL + h * ND * DH, offs_i, offs_l, i0, l0, l_end, M, N,
-                                                    ND, C, R, LSTEP, NDL, DH, PREC)
+            kl = load_rows(KL + bh * L * DH, offs_l, l_end, DH)
+            vl = load_rows(VL + bh * L * DH, offs_l, l_end, DH)
+            scores, vis = landmark_tile(qs, kl, RL + h * ND * DH, offs_i, offs_l, i0, l0, l_end, M, N, ND, C, R,
+                                        LSTEP, NDL, DH, PREC)
             m_i, l_i, acc = _softmax_step(scores, vis, m_i, l_i, acc, vl, PREC)
 
     S = P + N
-    kw_base = KW + bh * S * DH
-    vw_base = VW + bh * S * DH
-    s_lo = tl.maximum(P + i0 - W + 1, 0) // BN * BN
-    s_hi = tl.minimum(P + i0 + BM, S)
+    s_lo, s_hi = window_key_range(i0, P, W, S, BM, BN)
     for s0 in range(s_lo, s_hi, BN):
         offs_s = s0 + offs_n
-        kv_mask = (offs_s < S)[:, None]
-        kw = tl.load(kw_base + offs_s[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
-        vw = tl.load(vw_base + offs_s[:, None] * DH + offs_d[None, :], mask=kv_mask, other=0.0)
+        kw = load_rows(KW + bh * S * DH, offs_s, S, DH)
+        vw = load_rows(VW + bh * S * DH, offs_s, S, DH)
         if POS_TABLE:
-            scores, vis, _t = window_tile_table(qu, kw, QR + bh * N * W, offs_i, offs_s, P, N, W, PREC)
+            scores, vis = window_tile_table(qu, kw, QR + bh * N * W, offs_i, offs_s, P, N, W, PREC)
         else:
-            scores, vis, _rb, _band = window_tile(qu, qv, kw, RW + h * W * DH, offs_i, offs_s, i0, s0, P, N, W,
-                                                  BN, NDW, DH, PREC)
+            scores, vis = window_tile(qu, qv, kw, RW + h * W * DH, offs_i, offs_s, i0, s0, P, N, W, BN, NDW, DH,
+                                      PREC)
         m_i, l_i, acc = _softmax_step(scores, vis, m_i, l_i, acc, vw, PREC)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # only padding rows (i >= N) see nothing
     out = acc / l_safe[:, None]
+    row_ok = offs_i < N
     tl.store(OUT + bh * N * DH + offs_i[:, None] * DH + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(LSE + bh * N + offs_i, m_i + tl.log2(l_safe), mask=row_ok)
@@ -90,8 +93,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def scaled_q_plus_v(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q * scale + v_h, summed in fp32 and rounded to q's dtype, as the kernels' own q+v."""
-    return (q.float() * scale + v.float()[None, :, None, :]).to(q.dtype)
+    """q * scale + v_h, summed in fp32 and rounded once to q's dtype as the kernels' own q+v (no fp32 copy of q:
+    the sum runs in fp32 inside the one elementwise pass)."""
+    return torch.add(v[None, :, None, :], q, alpha=scale, out=torch.empty_like(q))
 
 
 def window_pos_table(qv: torch.Tensor, r_win: torch.Tensor) -> torch.Tensor:

@@ -13,19 +13,18 @@ import triton
 
 from megatron_ls.kernels.availability import interpreting
 
-# (BM, BN, num_warps, num_stages) per kernel. Chosen with `python -m megatron_ls.kernels.aot_check` (sm_90, bf16,
-# dh 64): the position band of a tile (BM + BN distances) is a second score tile, so the FlashAttention-2 default
-# of 64 x 64 with 4 warps spills (136 B/thread forward, 2.6 KB in dq). These candidates spill at most 144 B
-# (dq 32 x 64), most of them not at all (BENCHMARKS.md).
+# (BM, BN, num_warps, num_stages) per kernel: BM queries, BN keys (or landmarks). Every tile is a multiple of 64 in
+# both directions with at least 4 warps, so that every product of every kernel can run on Hopper's wgmma (64 rows
+# per warpgroup); chosen by `python -m megatron_ls.kernels.aot_check` (sm_90, bf16, dh 64: no spills).
 _TILES = {
-    "fwd": [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 3), (16, 64, 4, 2)],
-    "dq": [(32, 32, 8, 2), (16, 32, 4, 3), (32, 32, 4, 3), (32, 64, 8, 2)],
-    "dkdv": [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 3), (32, 64, 4, 2)],
+    "fwd": [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2)],
+    "bwd_window": [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2)],
+    "bwd_landmark": [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2)],
 }
 
 
 def configs(kernel: str) -> list[triton.Config]:
-    """Autotune candidates of one kernel ("fwd", "dq" or "dkdv"): one small tile under the interpreter
+    """Autotune candidates of one kernel (a key of _TILES): one small tile under the interpreter
     (every program runs in Python), the spill-free tiles of _TILES on CUDA.
 
     MEGATRON_LS_TRITON_CONFIG=i keeps only candidate i (read at import), also under the interpreter: tests
@@ -50,10 +49,21 @@ def _ndl(args: dict) -> int:
     return ndl
 
 
+def _query_chunk_span(bm: int, c: int) -> int:
+    """How many chunk boundaries BM consecutive queries can cross. Query blocks start at multiples of BM and
+    the memory length is a multiple of c, so when one of BM, c divides the other a block never straddles more
+    than (BM-1)//c boundaries; otherwise a block can start anywhere in a chunk."""
+    return (bm - 1) // c if bm % c == 0 or c % bm == 0 else (bm + c - 2) // c
+
+
 def _owned(args: dict, ndl: int) -> int:
-    # The distances chunk(i) - 1 - chunk(l) of BM queries and k landmarks take at most (BM-1)//c + (k-1)//r + 3
-    # values (neither block need be chunk-aligned), so k = r (ndl - (BM-1)//c - 3) landmarks fit ndl rows.
-    return min(args["BN"], args["R"] * (ndl - (args["BM"] - 1) // args["C"] - 3))
+    # A tile owning k landmarks from l0 (a multiple of r when k is) spans k / r landmark chunks and the query
+    # chunks of its block: their distances chunk(i) - 1 - chunk(l) take span + k / r values, so that k fits ndl
+    # rows when k = r (ndl - span), a multiple of r.
+    r, bn, span = args["R"], args["BN"], _query_chunk_span(args["BM"], args["C"])
+    if r > bn:  # a block holds landmarks of at most two chunks
+        return bn if ndl >= span + 2 else 0
+    return min(bn // r * r, r * (ndl - span))
 
 
 def _lstep(args: dict) -> int:
@@ -64,4 +74,6 @@ def _lstep(args: dict) -> int:
 # P + i - s over BM x BN, take BM + BN - 1 values, padded to a power of two (for tl.arange). NDL and LSTEP:
 # each landmark tile loads a block of BN landmarks but owns only the first LSTEP of them, so that their
 # distances fit NDL ~ BN / r rows: padding the band to twice its width would double its tl.dot.
-BAND_SIZES = {"NDW": _ndw, "NDL": _ndl, "LSTEP": _lstep}
+WINDOW_BAND = {"NDW": _ndw}
+LANDMARK_BAND = {"NDL": _ndl, "LSTEP": _lstep}
+BAND_SIZES = {**WINDOW_BAND, **LANDMARK_BAND}
