@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ls.kernels.launches import CoreGeometry, recorded_launches  # noqa: E402
-from megatron_ls.kernels.work import TorchOpWork, launch_work  # noqa: E402
+from megatron_ls.kernels.work import TorchOpWork, launch_work, unique_bytes  # noqa: E402
 
 FLOOR_PRODUCTS = 10
 PRESET = dict(H=8, dh=64, w=512, c=16, r=1)
@@ -48,9 +48,9 @@ def core_launches(geo: CoreGeometry, dtype: torch.dtype, pos: str):
 
     os.environ["MEGATRON_LS_WINDOW_POS"] = pos
     inputs = [t.requires_grad_() for t in geo.inputs(dtype)]
+    grad_out = torch.zeros_like(inputs[0])
     with recorded_launches() as launches, TorchOpWork() as torch_work:
-        out = long_short_attention_fused(*inputs, **geo.kwargs())
-        out.backward(torch.zeros_like(out))
+        torch.autograd.grad(long_short_attention_fused(*inputs, **geo.kwargs()), inputs, grad_out)
     return launches, torch_work
 
 
@@ -72,7 +72,7 @@ def account(geo: CoreGeometry, dtype: torch.dtype, pos: str) -> dict:
         flops = [x.flops for x in works]
         worst, best = worst + max(flops), best + min(flops)
         kernels.append(dict(kernel=launch.name, tile=tile_of(launch, launch.configs[0]), flops=w.flops,
-                            bytes=w.bytes, atomics=w.atomics, flops_all_tiles=flops,
+                            bytes=w.bytes, unique_bytes=unique_bytes(launch), atomics=w.atomics, flops_all_tiles=flops,
                             tiles=[tile_of(launch, c) for c in launch.configs]))
     issued = sum(k["flops"] for k in kernels) + torch_work.flops
     return dict(N=geo.N, B=geo.B, M=geo.M, pos=pos, window_pairs=win, landmark_pairs=lm, floor_flops=floor,
@@ -80,22 +80,24 @@ def account(geo: CoreGeometry, dtype: torch.dtype, pos: str) -> dict:
                 issued_flops=issued, ratio=issued / floor, ratio_worst_tiles=(worst + torch_work.flops) / floor,
                 ratio_best_tiles=(best + torch_work.flops) / floor,
                 bytes=sum(k["bytes"] for k in kernels) + torch_work.bytes,
+                unique_bytes=sum(k["unique_bytes"] for k in kernels) + torch_work.bytes,
                 atomics=sum(k["atomics"] for k in kernels))
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| N (B) | M | window pos | kernel (tile) | TFLOP issued | GB moved | atomics (M) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| N (B) | M | window pos | kernel (tile) | TFLOP issued | GB loaded+stored | GB distinct | atomics (M) |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         head = f"| {row['N'] // 1024}K ({row['B']}) | {'N' if row['M'] else 0} | {row['pos']} "
         for k in row["kernels"]:
             print(f"{head}| {k['kernel'].strip('_')} ({k['tile']}) | {k['flops'] / 1e12:.3f} | "
-                  f"{k['bytes'] / 1e9:.3f} | {k['atomics'] / 1e6:.1f} |")
-        print(f"{head}| torch ops of the core | {row['torch']['flops'] / 1e12:.3f} | {row['torch']['bytes'] / 1e9:.3f}"
-              f" | 0 |")
+                  f"{k['bytes'] / 1e9:.2f} | {k['unique_bytes'] / 1e9:.2f} | {k['atomics'] / 1e6:.0f} |")
+        tb = row["torch"]["bytes"] / 1e9
+        print(f"{head}| torch ops of the core | {row['torch']['flops'] / 1e12:.3f} | {tb:.2f} | {tb:.2f} | 0 |")
         print(f"{head}| **total: {row['ratio']:.2f}x the floor** ({row['ratio_best_tiles']:.2f}-"
               f"{row['ratio_worst_tiles']:.2f}x over the tiles) | {row['issued_flops'] / 1e12:.3f} "
-              f"(floor {row['floor_flops'] / 1e12:.3f}) | {row['bytes'] / 1e9:.3f} | {row['atomics'] / 1e6:.1f} |")
+              f"(floor {row['floor_flops'] / 1e12:.3f}) | {row['bytes'] / 1e9:.2f} | {row['unique_bytes'] / 1e9:.2f} | "
+              f"{row['atomics'] / 1e6:.0f} |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ Runs in a subprocess because TRITON_INTERPRET=1 (set for the interpreter tests) 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 
@@ -31,17 +30,25 @@ def _aot_check(*args: str, tmp_path) -> subprocess.CompletedProcess:
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(not os.access(PTXAS, os.X_OK), reason="this Triton build ships no ptxas")
 def test_kernels_compile_for_sm90(tmp_path):
+    """The preset's bf16 kernels (first tile, both window-position modes), specialised as a launch would be: every
+    product on wgmma, none on mma.sync, and no spill in the default (table) mode."""
     compiled = []
-    for match in ("bf16 dh=64 c=16 r=1 lm=1", "bias_gelu"):
+    for match in ("bf16 dh=64 c=16 r=1 lm=1 mem", "bias_gelu"):
         res = _aot_check("--arch", "90", "--quick", "--match", match, tmp_path=tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
         compiled += [line for line in res.stdout.splitlines() if line.startswith("ok sm_90")]
-    assert sorted({line.split()[2] for line in compiled}) == ["bias_gelu_bwd", "bias_gelu_fwd", "dkdv_landmark",
-                                                              "dkdv_window", "dq", "forward"]
-    assert sum("pos=table" in line for line in compiled) == 3  # forward, dq, dk/dv window with the position table
+    assert sorted({line.split()[2] for line in compiled}) == [
+        "_bias_gelu_bwd_kernel", "_bias_gelu_fwd_kernel", "_bwd_landmark_kernel", "_bwd_window_kernel",
+        "_delta_kernel", "_fwd_kernel"]
+    assert sum("pos=table" in line for line in compiled) == 2  # forward and window backward read the table
     for line in compiled:
-        shared = int(re.search(r"shared=(\d+)B", line)[1])
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        shared = int(fields["shared"].rstrip("B"))
         assert shared <= H100_SHARED_BYTES and (shared > 0 or "bias_gelu" in line), line  # attention tiles stage
+        if line.split()[2] in ("_fwd_kernel", "_bwd_window_kernel", "_bwd_landmark_kernel"):
+            assert int(fields["wgmma"]) > 0 and fields["mma_sync"] == "0", line
+        if "pos=band" not in line:
+            assert fields["stack"] == "0B" and fields["spill_st"] == "0" and fields["spill_ld"] == "0", line
 
 
 def test_aot_check_refuses_the_interpreter(tmp_path):

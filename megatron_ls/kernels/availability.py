@@ -51,9 +51,11 @@ WINDOW_POS_MODES = ("band", "table")
 def window_pos_mode() -> str:
     """MEGATRON_LS_WINDOW_POS: how the fused kernels get the window position term (read at each call).
 
-    band (default): per tile, the query tile times the band of R_w rows the tile spans, moved to keys by gather.
-    table: QR = (q+v) R_w^T by one GEMM before the kernel (an N x w table per head, rebuilt in the backward)."""
-    mode = os.environ.get("MEGATRON_LS_WINDOW_POS", "band") or "band"
+    table (default): QR = (q+v) R_w^T by one GEMM before the kernels (an N x w table per head, rebuilt in the
+    backward): the position products at the floor, 1.2x the floor in all (bench/kernel_work.py), no spills.
+    band: per tile, the queries times the band of R_w rows the tile spans, moved to keys by gather: no table in
+    memory, but the band of a 64 x 64 tile is 128 rows (1.35-1.56x the floor) and its backward spills on sm_90."""
+    mode = os.environ.get("MEGATRON_LS_WINDOW_POS", "table") or "table"
     if mode not in WINDOW_POS_MODES:
         raise ValueError(f"MEGATRON_LS_WINDOW_POS must be one of {', '.join(WINDOW_POS_MODES)}, got {mode!r}")
     return mode

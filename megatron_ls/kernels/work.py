@@ -134,6 +134,15 @@ def _bwd_landmark(m: dict, pid: int) -> Work:
     return w
 
 
+def unique_bytes(launch) -> int:
+    """Bytes of the distinct tensors a launch reads or writes: its HBM traffic when every re-read (K/V, R rows
+    and table entries shared by neighbouring tiles) hits the L2 cache."""
+    import torch
+
+    seen = {id(t): t for t in launch.args if isinstance(t, torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
 KERNELS = {"_fwd_kernel": _fwd, "_delta_kernel": _delta, "_bwd_window_kernel": _bwd_window,
            "_bwd_landmark_kernel": _bwd_landmark}
 
@@ -185,9 +194,10 @@ class TorchOpWork:
         from torch.utils._pytree import tree_leaves
 
         name = func._schema.name.split("::")[-1]
-        if func.is_view or name in _ALLOCATIONS or name in ("detach", "alias", "lift_fresh"):
+        if func.is_view or name in _ALLOCATIONS or name in ("detach", "alias", "lift_fresh", "_unsafe_view"):
             return
-        tensors_in = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        reads = (args, {k: v for k, v in kwargs.items() if k != "out"})  # out= is written, not read
+        tensors_in = [t for t in tree_leaves(reads) if isinstance(t, torch.Tensor)]
         if name in _WRITE_ONLY:
             tensors_in = tensors_in[1:] if name == "copy_" else []
         tensors_out = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
