@@ -39,7 +39,7 @@ def test_kernels_compile_for_sm90(tmp_path):
         compiled += [line for line in res.stdout.splitlines() if line.startswith("ok sm_90")]
     assert sorted({line.split()[2] for line in compiled}) == [
         "_bias_gelu_bwd_kernel", "_bias_gelu_fwd_kernel", "_bwd_landmark_kernel", "_bwd_window_kernel",
-        "_delta_kernel", "_fwd_kernel"]
+        "_delta_kernel", "_fwd_kernel", "_key_bias_kernel"]
     assert sum("pos=table" in line for line in compiled) == 2  # forward and window backward read the table
     for line in compiled:
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)

@@ -21,15 +21,15 @@ class _LongShortFn(torch.autograd.Function):
                 pos_table):
         geo = dict(window=window, chunk=chunk, chunk_rank=chunk_rank, mem_len=mem_len, scale=scale,
                    pos_table=pos_table)
-        out, lse = long_short_forward(q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, **geo)
-        ctx.save_for_backward(q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, lse)
+        out, lse, out_lo = long_short_forward(q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, **geo)
+        ctx.save_for_backward(q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, out_lo, lse)
         ctx.geo = geo
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, lse = ctx.saved_tensors
-        grads = long_short_backward(dout.contiguous(), q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, lse,
+        q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, out_lo, lse = ctx.saved_tensors
+        grads = long_short_backward(dout.contiguous(), q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, out_lo, lse,
                                     **ctx.geo)
         dq, dkw, dvw, dkl, dvl, du, dv, drw, drl = grads
         return (dq, dkw, dvw, dkl, dvl, du.to(u.dtype), dv.to(v.dtype), drw.to(r_win.dtype), drl.to(r_lm.dtype),

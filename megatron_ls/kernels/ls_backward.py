@@ -17,12 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_ls.kernels.ls_forward import dot_precision, scaled_q_plus_v, window_pos_table
+from megatron_ls.kernels.ls_forward import dot_precision, key_bias, position_bias, window_pos_table
 from megatron_ls.kernels.ls_tiles import (
     landmark_band_grad_t,
     landmark_band_t,
     landmark_query_start,
-    load_queries,
+    load_bias,
     load_rows,
     window_band_grad_t,
     window_band_t,
@@ -35,21 +35,24 @@ BIAS_BLOCK_MIN = 16  # the smallest BN of any tile: bounds the window kernel's p
 
 
 @triton.jit
-def _delta_kernel(OUT, DO, DELTA, rows, DH: tl.constexpr, BR: tl.constexpr):
+def _delta_kernel(OUT, OUT_LO, DO, DELTA, rows, DH: tl.constexpr, HAS_LO: tl.constexpr, BR: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o = load_rows(OUT, offs, rows, DH).to(tl.float32)
+    if HAS_LO:
+        o += load_rows(OUT_LO, offs, rows, DH).to(tl.float32)
     do = load_rows(DO, offs, rows, DH).to(tl.float32)
     tl.store(DELTA + offs, tl.sum(o * do, 1), mask=offs < rows)
 
 
 @triton.jit
-def _query_side(DO, LSE, DELTA, bh, offs_i, N, DH: tl.constexpr):
-    """dO, log-sum-exp and delta of one query block."""
+def _query_side(Q, DO, LSE, DELTA, bh, offs_i, N, DH: tl.constexpr):
+    """Queries (unscaled), dO, log-sum-exp and delta of one query block."""
     row_ok = offs_i < N
+    q = load_rows(Q + bh * N * DH, offs_i, N, DH)
     do = load_rows(DO + bh * N * DH, offs_i, N, DH)
     lse = tl.load(LSE + bh * N + offs_i, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * N + offs_i, mask=row_ok, other=0.0)
-    return do, lse, delta
+    return q, do, lse, delta
 
 
 @triton.jit
@@ -68,7 +71,7 @@ def _add_dq(DQ, bh, offs_i, N, dq, scale, DH: tl.constexpr):
 @triton.autotune(configs=configs("bwd_window"), key=["N", "DH", "W", "POS_TABLE"], restore_value=["DQ", "DRW"])
 @triton.heuristics(WINDOW_BAND)
 @triton.jit
-def _bwd_window_kernel(Q, KW, VW, U, V, RW, QR, DO, LSE, DELTA, DQ, DKW, DVW, DRW, DQR, DBIAS, scale,
+def _bwd_window_kernel(Q, KW, VW, U, V, UK, RW, VR, QR, DO, LSE, DELTA, DQ, DKW, DVW, DRW, DQR, DBIAS, scale,
                        H, N, P, W, NBLK,
                        DH: tl.constexpr, POS_TABLE: tl.constexpr, PREC: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, NDW: tl.constexpr):
@@ -82,44 +85,51 @@ def _bwd_window_kernel(Q, KW, VW, U, V, RW, QR, DO, LSE, DELTA, DQ, DKW, DVW, DR
     kw = load_rows(KW + bh * S * DH, offs_s, S, DH)
     vw = load_rows(VW + bh * S * DH, offs_s, S, DH)
     dt = kw.dtype
-    dkw = tl.zeros((BN, DH), dtype=tl.float32)
+    uk = tl.load(UK + bh * S + offs_s, mask=offs_s < S, other=0.0)
+    dkw = tl.zeros((BN, DH), dtype=tl.float32)  # sum_i dS[i, s] q_i; dk = scale * that + (sum_i dS[i, s]) u
     dvw = tl.zeros((BN, DH), dtype=tl.float32)
-    # The biases' gradients: du = sum_s (sum_i dS[i, s]) k_s, dv (band mode) = sum over tiles of rowsum(dS_band) R_band.
-    ds_sum = tl.zeros((BN,), dtype=tl.float32)
-    dvb = tl.zeros((DH,), dtype=tl.float32)
+    ds_sum = tl.zeros((BN,), dtype=tl.float32)  # sum_i dS[i, s]: gives du and the u half of dk
+    dvb = tl.zeros((DH,), dtype=tl.float32)  # band mode: the v bias' gradient, rowsum(dS_band) . R_band
+    if not POS_TABLE:
+        v = load_bias(V, h, DH)
     i_lo, i_hi = window_query_range(s0, P, W, N, BM, BN)
     for i0 in range(i_lo, i_hi, BM):
         offs_i = i0 + tl.arange(0, BM)
-        qs, qu, qv = load_queries(Q, U, V, bh, h, offs_i, N, scale, DH)
-        do, lse, delta = _query_side(DO, LSE, DELTA, bh, offs_i, N, DH)
+        q, do, lse, delta = _query_side(Q, DO, LSE, DELTA, bh, offs_i, N, DH)
         dist = P + offs_i[None, :] - offs_s[:, None]
         vis = (dist >= 0) & (dist < W) & (offs_i < N)[None, :]
-        st = tl.dot(kw, tl.trans(qu), input_precision=PREC)
+        st = tl.dot(kw, tl.trans(q), input_precision=PREC) * scale + uk[:, None]
         if POS_TABLE:
             table = (offs_i - i0)[None, :] * W + dist  # int32 offsets from the block's first row: fewer registers
             st += tl.load(QR + (bh * N + i0) * W + table, mask=vis, other=0.0).to(tl.float32)
+            st += tl.load(VR + h * W + dist, mask=vis, other=0.0)
         else:
-            pos, band, rb = window_band_t(qv, RW + h * W * DH, offs_i, offs_s, i0, s0, P, W, BN, NDW, DH, PREC)
+            pos, band, rb = window_band_t(q, RW + h * W * DH, VR + h * W, offs_i, offs_s, i0, s0, P, W, scale, BN,
+                                          NDW, DH, PREC)
             st += pos
         pt, dst = _probs_t(st, vis, lse, delta, tl.dot(vw, tl.trans(do), input_precision=PREC))
         dvw += tl.dot(pt.to(dt), do, input_precision=PREC)
-        dkw += tl.dot(dst.to(dt), qu, input_precision=PREC)
+        dkw += tl.dot(dst.to(dt), q, input_precision=PREC)
         dq = tl.dot(tl.trans(dst.to(dt)), kw, input_precision=PREC)
         ds_sum += tl.sum(dst, 1)
         if POS_TABLE:
             tl.store(DQR + (bh * N + i0) * W + table, dst.to(DQR.dtype.element_ty), mask=vis)
         else:
             dsb = window_band_grad_t(dst, offs_i, band, s0, P, BN)
-            dvb += tl.sum(tl.sum(dsb, 1)[:, None] * rb.to(tl.float32), 0)
+            dsb_sum = tl.sum(dsb, 1)
+            dvb += tl.sum(dsb_sum[:, None] * rb.to(tl.float32), 0)
             dsb = dsb.to(dt)
             dq = tl.dot(tl.trans(dsb), rb, dq, input_precision=PREC)
+            drb = tl.dot(dsb, q, input_precision=PREC) * scale + dsb_sum[:, None] * v[None, :]
             band_ok = (band >= 0) & (band < W)
-            tl.atomic_add(DRW + h * W * DH + band[:, None] * DH + offs_d[None, :],
-                          tl.dot(dsb, qv, input_precision=PREC), mask=band_ok[:, None], sem="relaxed")
+            tl.atomic_add(DRW + h * W * DH + band[:, None] * DH + offs_d[None, :], drb, mask=band_ok[:, None],
+                          sem="relaxed")
         _add_dq(DQ, bh, offs_i, N, dq, scale, DH)
     ptrs = bh * S * DH + offs_s[:, None] * DH + offs_d[None, :]
+    dkw = dkw * scale + ds_sum[:, None] * load_bias(U, h, DH)[None, :]
     tl.store(DKW + ptrs, dkw.to(DKW.dtype.element_ty), mask=(offs_s < S)[:, None])
     tl.store(DVW + ptrs, dvw.to(DVW.dtype.element_ty), mask=(offs_s < S)[:, None])
+    kw = load_rows(KW + bh * S * DH, offs_s, S, DH)  # again: holding it in registers through the loop would spill
     tl.store(DBIAS + (bh * NBLK + pid) * DH + offs_d, tl.sum(ds_sum[:, None] * kw.to(tl.float32), 0))
     tl.store(DBIAS + ((tl.num_programs(1) + bh) * NBLK + pid) * DH + offs_d, dvb)
 
@@ -140,40 +150,50 @@ def _bwd_landmark_kernel(Q, KL, VL, RL, DO, LSE, DELTA, DQ, DKL, DVL, DRL, scale
     kl = load_rows(KL + bh * L * DH, offs_l, l_end, DH)
     vl = load_rows(VL + bh * L * DH, offs_l, l_end, DH)
     dt = kl.dtype
-    dkl = tl.zeros((BN, DH), dtype=tl.float32)
+    dkl = tl.zeros((BN, DH), dtype=tl.float32)  # unscaled: sum_i dS[i, l] q_i
     dvl = tl.zeros((BN, DH), dtype=tl.float32)
     for i0 in range(landmark_query_start(l0, M, C, R, BM), N, BM):
         offs_i = i0 + tl.arange(0, BM)
-        qs = (load_rows(Q + bh * N * DH, offs_i, N, DH).to(tl.float32) * scale).to(dt)
-        do, lse, delta = _query_side(DO, LSE, DELTA, bh, offs_i, N, DH)
-        pos, dist, band, rb = landmark_band_t(qs, RL + h * ND * DH, offs_i, offs_l, i0, l0, M, ND, C, R, LSTEP, NDL,
+        q, do, lse, delta = _query_side(Q, DO, LSE, DELTA, bh, offs_i, N, DH)
+        pos, dist, band, rb = landmark_band_t(q, RL + h * ND * DH, offs_i, offs_l, i0, l0, M, ND, C, R, LSTEP, NDL,
                                               DH, PREC)
-        st = tl.dot(kl, tl.trans(qs), input_precision=PREC) + pos
+        st = (tl.dot(kl, tl.trans(q), input_precision=PREC) + pos) * scale
         vis = (dist >= 0) & (offs_l < l_end)[:, None] & (offs_i < N)[None, :]
         pt, dst = _probs_t(st, vis, lse, delta, tl.dot(vl, tl.trans(do), input_precision=PREC))
         dvl += tl.dot(pt.to(dt), do, input_precision=PREC)
-        dkl += tl.dot(dst.to(dt), qs, input_precision=PREC)
+        dkl += tl.dot(dst.to(dt), q, input_precision=PREC)
         dsb = landmark_band_grad_t(dst, offs_i, band, l0, M, C, R, BN, BM, NDL).to(dt)
         dq = tl.dot(tl.trans(dst.to(dt)), kl, input_precision=PREC)
         dq = tl.dot(tl.trans(dsb), rb, dq, input_precision=PREC)
         _add_dq(DQ, bh, offs_i, N, dq, scale, DH)
         rows = tl.minimum(tl.maximum(band, 0), ND - 1)  # far distances share the clamp's last row
         tl.atomic_add(DRL + h * ND * DH + rows[:, None] * DH + offs_d[None, :],
-                      tl.dot(dsb, qs, input_precision=PREC), mask=(band >= 0)[:, None], sem="relaxed")
+                      tl.dot(dsb, q, input_precision=PREC) * scale, mask=(band >= 0)[:, None], sem="relaxed")
     ptrs = bh * L * DH + offs_l[:, None] * DH + offs_d[None, :]
-    tl.store(DKL + ptrs, dkl.to(DKL.dtype.element_ty), mask=(offs_l < l_end)[:, None])
+    tl.store(DKL + ptrs, (dkl * scale).to(DKL.dtype.element_ty), mask=(offs_l < l_end)[:, None])
     tl.store(DVL + ptrs, dvl.to(DVL.dtype.element_ty), mask=(offs_l < l_end)[:, None])
 
 
-def row_dot(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
-    """delta = rowsum(dO * O) in fp32, (B, H, N), read once from the half-precision tensors."""
+def row_dot(out: torch.Tensor, out_lo: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(dO * O) in fp32, (B, H, N), O = out + out_lo (the forward's residual; empty for fp32): the
+    rounded output alone would shift every dS of a row by P (rowsum(dO * rounding)), which sums like a bias."""
     rows = out.numel() // out.shape[-1]
     delta = torch.empty(out.shape[:-1], device=out.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(rows, DELTA_ROWS),)](out, do, delta, rows, DH=out.shape[-1], BR=DELTA_ROWS)
+    _delta_kernel[(triton.cdiv(rows, DELTA_ROWS),)](out, out_lo, do, delta, rows, DH=out.shape[-1],
+                                                    HAS_LO=out_lo.numel() > 0, BR=DELTA_ROWS)
     return delta
 
 
-def long_short_backward(do, q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, lse, *, window: int, chunk: int,
+def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (3-D, half inputs) accumulated and returned in fp32: cuBLAS's fp32-output GEMM on CUDA (no fp32 copy
+    of the inputs); elsewhere (the CPU tests) the same exact products accumulated in fp32."""
+    if a.device.type in ("cuda", "meta"):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def long_short_backward(do, q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, out_lo, lse, *, window: int,
+                        chunk: int,
                         chunk_rank: int, mem_len: int, scale: float,
                         pos_table: bool = False) -> tuple[torch.Tensor, ...]:
     """Gradients (dq, dk_win, dv_win, dk_lm, dv_lm, du, dv, dr_win, dr_lm); du..dr_lm in fp32.
@@ -187,32 +207,36 @@ def long_short_backward(do, q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out,
     ND = r_lm.shape[1]
     prec = dot_precision(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
-    delta = row_dot(out, do)
+    delta = row_dot(out, out_lo, do)
     dq = torch.zeros((B, H, N, dh), **f32)  # scale * dL/d(scaled q), accumulated by both kernels
     dkw, dvw = torch.empty_like(k_win), torch.empty_like(v_win)
     dkl, dvl = torch.empty_like(k_lm), torch.empty_like(v_lm)
     drw, drl = torch.zeros((H, window, dh), **f32), torch.zeros((H, ND, dh), **f32)
     nblk = triton.cdiv(S, BIAS_BLOCK_MIN)
     dbias = torch.zeros((2, B, H, nblk, dh), **f32)  # per program: du, then dv (band mode)
+    vr = position_bias(v, r_win)
     if pos_table:
-        qv = scaled_q_plus_v(q, v, scale)
-        qr = window_pos_table(qv, r_win)
+        qr = window_pos_table(q, r_win, scale)
         dqr = torch.empty_like(qr)
         dqr[:, :, :max(window - 1 - P, 0)].zero_()  # pairs (i, d) with no key (P + i - d < 0) are never written
     else:
         qr = dqr = q.new_empty(0)  # placeholders the kernels never touch
 
     _bwd_window_kernel[lambda m: (triton.cdiv(S, m["BN"]), B * H)](
-        q, k_win, v_win, u, v, r_win, qr, do, lse, delta, dq, dkw, dvw, drw, dqr, dbias, scale, H, N, P, window,
-        nblk, DH=dh, POS_TABLE=pos_table, PREC=prec)
+        q, k_win, v_win, u, v, key_bias(k_win, u), r_win, vr, qr, do, lse, delta, dq, dkw, dvw,
+        drw, dqr, dbias, scale, H, N, P, window, nblk, DH=dh, POS_TABLE=pos_table, PREC=prec)
     du, dv = dbias.sum((1, 3)).unbind(0)
     if pos_table:
         del qr
-        dqv = torch.matmul(dqr, r_win.unsqueeze(0))  # d/d(q * scale + v): (B, H, N, dh)
-        dq.add_(dqv, alpha=scale)
-        dv = dv + dqv.sum((0, 2), dtype=torch.float32)
-        for b in range(B):  # fixed order: the same bits every run
-            drw += torch.matmul(dqr[b].transpose(1, 2), qv[b]).float()
+        r_t = r_win.expand(B, H, window, dh).reshape(B * H, window, dh)
+        dq.add_(bmm_f32(dqr.view(B * H, N, window), r_t).view(B, H, N, dh), alpha=scale)  # scale dQR R_w
+        # dR_w = dQR^T (scale q + v) = scale dQR^T q + colsum(dQR) v and dv = colsum(dQR) R_w: one GEMM per batch row
+        # against [q | 1 | 0...] (padded to 16 bytes) gives both, in fp32, with no rounded scale q + v.
+        q1 = torch.cat([q, q.new_ones(B, H, N, 1), q.new_zeros(B, H, N, 7)], -1)
+        g = sum(bmm_f32(dqr[b].transpose(1, 2), q1[b]) for b in range(B))  # (H, w, dh + 8), fixed order
+        del q1
+        drw += g[..., :dh] * scale + g[..., dh, None] * v.float()[:, None, :]
+        dv = dv + torch.matmul(g[:, None, :, dh], r_win.float()).squeeze(1)
     if L:
         _bwd_landmark_kernel[lambda m: (triton.cdiv(L, m["LSTEP"]), B * H)](
             q, k_lm, v_lm, r_lm, do, lse, delta, dq, dkl, dvl, drl, scale, H, N, mem_len, L, ND, chunk, chunk_rank,

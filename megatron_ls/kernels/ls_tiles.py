@@ -64,44 +64,44 @@ def load_rows(base, offs, n, DH: tl.constexpr):
 
 
 @triton.jit
-def load_queries(Q, U, V, bh, h, offs_i, N, scale, DH: tl.constexpr):
-    """One query block, scaled, plain and with the biases u and v added (fp32 sums, input dtype out)."""
-    offs_d = tl.arange(0, DH)
-    q = load_rows(Q + bh * N * DH, offs_i, N, DH)
-    qs32 = q.to(tl.float32) * scale
-    qu = (qs32 + tl.load(U + h * DH + offs_d).to(tl.float32)[None, :]).to(q.dtype)
-    qv = (qs32 + tl.load(V + h * DH + offs_d).to(tl.float32)[None, :]).to(q.dtype)
-    return qs32.to(q.dtype), qu, qv
+def load_bias(ptr, h, DH: tl.constexpr):
+    """Head h's row of a (H, DH) bias (u or v), in fp32."""
+    return tl.load(ptr + h * DH + tl.arange(0, DH)).to(tl.float32)
 
 
-# ---- forward orientation: scores (BM queries, BN keys) ----
+# ---- forward orientation: scores (BM queries, BN keys). q is the unscaled query block; the scale multiplies
+# the fp32 products, and the biases' terms u.k_s and v.R_w(d) are added in fp32, so that no rounded q^ + u or
+# q^ + v is ever an operand (FlashAttention's practice; the bf16 numerics tests rely on it). ----
 
 @triton.jit
-def window_tile(qu, qv, kw, rw_ptr, offs_i, offs_s, i0, s0, P, N, W,
+def window_tile(q, kw, uk, rw_ptr, vr_ptr, offs_i, offs_s, i0, s0, P, N, W, scale,
                 BN: tl.constexpr, NDW: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
-    """Scores (q+u).k_s + (q+v).R_w(P+i-s) of one window tile and its visibility."""
+    """Scores (q^+u).k_s + (q^+v).R_w(P+i-s) of one window tile and its visibility; uk = u.k_s of the tile's keys,
+    vr_ptr: v.R_w(d) per distance."""
     dist = P + offs_i[:, None] - offs_s[None, :]
     dlo = window_band_start(i0, s0, P, BN)
     rows = tl.minimum(tl.maximum(dlo + tl.arange(0, NDW), 0), W - 1)  # rows outside [0, W) meet invisible pairs
     rb = load_rows(rw_ptr, rows, W, DH)
-    pos = tl.gather(tl.dot(qv, tl.trans(rb), input_precision=PREC), dist - dlo, 1)
-    scores = tl.dot(qu, tl.trans(kw), input_precision=PREC) + pos
+    band = tl.dot(q, tl.trans(rb), input_precision=PREC) * scale + tl.load(vr_ptr + rows)[None, :]
+    scores = tl.dot(q, tl.trans(kw), input_precision=PREC) * scale + uk[None, :] + tl.gather(band, dist - dlo, 1)
     return scores, (dist >= 0) & (dist < W) & (offs_i < N)[:, None]
 
 
 @triton.jit
-def window_tile_table(qu, kw, qr_ptr, offs_i, offs_s, P, N, W, PREC: tl.constexpr):
-    """The window tile with its position term read from QR[i, d] = (q_i+v).R_w(d): a skewed load, d = P+i-s."""
+def window_tile_table(q, kw, uk, qr_ptr, vr_ptr, offs_i, offs_s, P, N, W, scale, PREC: tl.constexpr):
+    """The window tile with its position term read from QR[i, d] = q^_i.R_w(d) (+ v.R_w(d)): a skewed load,
+    d = P+i-s."""
     dist = P + offs_i[:, None] - offs_s[None, :]
     vis = (dist >= 0) & (dist < W) & (offs_i < N)[:, None]
     pos = tl.load(qr_ptr + offs_i[:, None] * W + dist, mask=vis, other=0.0).to(tl.float32)
-    return tl.dot(qu, tl.trans(kw), input_precision=PREC) + pos, vis
+    pos += tl.load(vr_ptr + dist, mask=vis, other=0.0)
+    return tl.dot(q, tl.trans(kw), input_precision=PREC) * scale + uk[None, :] + pos, vis
 
 
 @triton.jit
-def landmark_tile(qs, kl, rl_ptr, offs_i, offs_l, i0, l0, l_end, M, N, ND, C, R,
+def landmark_tile(q, kl, rl_ptr, offs_i, offs_l, i0, l0, l_end, M, N, ND, C, R, scale,
                   LSTEP: tl.constexpr, NDL: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
-    """Scores q.k_l + q.R_c(min(d, ND-1)), d = chunk(i) - 1 - chunk(l), and chunk-causal visibility.
+    """Scores q^.k_l + q^.R_c(min(d, ND-1)), d = chunk(i) - 1 - chunk(l), and chunk-causal visibility.
 
     The tile's block holds BN landmark rows but owns only [l0, l_end), l_end <= l0 + LSTEP: LSTEP is chosen
     (triton_setup) so that the distances of the owned landmarks fit a band of NDL rows, about BN / r instead
@@ -111,22 +111,23 @@ def landmark_tile(qs, kl, rl_ptr, offs_i, offs_l, i0, l0, l_end, M, N, ND, C, R,
     rows = tl.minimum(tl.maximum(dlo + tl.arange(0, NDL), 0), ND - 1)  # the clamp of far distances
     rb = load_rows(rl_ptr, rows, ND, DH)
     idx = tl.minimum(tl.maximum(dist - dlo, 0), NDL - 1)
-    pos = tl.gather(tl.dot(qs, tl.trans(rb), input_precision=PREC), idx, 1)
-    scores = tl.dot(qs, tl.trans(kl), input_precision=PREC) + pos
+    pos = tl.gather(tl.dot(q, tl.trans(rb), input_precision=PREC), idx, 1)
+    scores = (tl.dot(q, tl.trans(kl), input_precision=PREC) + pos) * scale
     return scores, (dist >= 0) & (offs_l < l_end)[None, :] & (offs_i < N)[:, None]
 
 
 # ---- backward orientation: scores transposed, (BN keys, BM queries) ----
 
 @triton.jit
-def window_band_t(qv, rw_ptr, offs_i, offs_s, i0, s0, P, W, BN: tl.constexpr, NDW: tl.constexpr,
+def window_band_t(q, rw_ptr, vr_ptr, offs_i, offs_s, i0, s0, P, W, scale, BN: tl.constexpr, NDW: tl.constexpr,
                   DH: tl.constexpr, PREC: tl.constexpr):
-    """Position term (q_i+v).R_w(P+i-s) of a transposed window tile, with its band (rows, R rows, gather index)."""
+    """Position term (q^_i+v).R_w(P+i-s) of a transposed window tile, with its band rows and R rows."""
     dlo = window_band_start(i0, s0, P, BN)
     band = dlo + tl.arange(0, NDW)
-    rb = load_rows(rw_ptr, tl.minimum(tl.maximum(band, 0), W - 1), W, DH)
-    idx = P + offs_i[None, :] - offs_s[:, None] - dlo
-    return tl.gather(tl.dot(rb, tl.trans(qv), input_precision=PREC), idx, 0), band, rb
+    rows = tl.minimum(tl.maximum(band, 0), W - 1)
+    rb = load_rows(rw_ptr, rows, W, DH)
+    bt = tl.dot(rb, tl.trans(q), input_precision=PREC) * scale + tl.load(vr_ptr + rows)[:, None]
+    return tl.gather(bt, P + offs_i[None, :] - offs_s[:, None] - dlo, 0), band, rb
 
 
 @triton.jit
@@ -138,15 +139,15 @@ def window_band_grad_t(dst, offs_i, band, s0, P, BN: tl.constexpr):
 
 
 @triton.jit
-def landmark_band_t(qs, rl_ptr, offs_i, offs_l, i0, l0, M, ND, C, R, LSTEP: tl.constexpr, NDL: tl.constexpr,
+def landmark_band_t(q, rl_ptr, offs_i, offs_l, i0, l0, M, ND, C, R, LSTEP: tl.constexpr, NDL: tl.constexpr,
                     DH: tl.constexpr, PREC: tl.constexpr):
-    """Position term q_i.R_c(d) of a transposed landmark tile, its band rows, R rows and the distances d."""
+    """Unscaled position term q_i.R_c(d) of a transposed landmark tile, its band rows, R rows and distances d."""
     dist = ((M + offs_i) // C)[None, :] - 1 - (offs_l // R)[:, None]
     dlo = landmark_band_start(i0, l0, M, C, R, LSTEP)
     band = dlo + tl.arange(0, NDL)
     rb = load_rows(rl_ptr, tl.minimum(tl.maximum(band, 0), ND - 1), ND, DH)
     idx = tl.minimum(tl.maximum(dist - dlo, 0), NDL - 1)
-    return tl.gather(tl.dot(rb, tl.trans(qs), input_precision=PREC), idx, 0), dist, band, rb
+    return tl.gather(tl.dot(rb, tl.trans(q), input_precision=PREC), idx, 0), dist, band, rb
 
 
 @triton.jit

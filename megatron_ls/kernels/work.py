@@ -65,31 +65,37 @@ def _fwd(m: dict, pid: int) -> Work:
     w = Work()
     i0 = pid * BM
     rq = _rows(i0, BM, N)
-    w.bytes += rq * DH * it + DH * (_size(m["U"]) + _size(m["V"]))
+    w.bytes += rq * DH * it
     if m["HAS_LM"]:
         for l0 in range(0, ls_tiles.landmark_count.fn(i0, M, N, C, R, BM), m["LSTEP"]):
             w.bytes += 2 * _rows(l0, BN, min(l0 + m["LSTEP"], L)) * DH * it + m["NDL"] * DH * _size(m["RL"])
             w.dots.update([(BM, m["NDL"], DH), (BM, BN, DH), (BM, DH, BN)])
     for s0 in range(*ls_tiles.window_key_range.fn(i0, P, W, S, BM, BN), BN):
-        w.bytes += 2 * _rows(s0, BN, S) * DH * it
+        w.bytes += _rows(s0, BN, S) * (2 * DH * it + _size(m["UK"]))
         if m["POS_TABLE"]:
-            w.bytes += _window_visible(i0, BM, s0, BN, P, W, N) * _size(m["QR"])
+            w.bytes += _window_visible(i0, BM, s0, BN, P, W, N) * (_size(m["QR"]) + _size(m["VR"]))
         else:
-            w.bytes += m["NDW"] * DH * _size(m["RW"])
+            w.bytes += m["NDW"] * (DH * _size(m["RW"]) + _size(m["VR"]))
             w.dots[(BM, m["NDW"], DH)] += 1
         w.dots.update([(BM, BN, DH), (BM, DH, BN)])
-    w.bytes += rq * (DH * _size(m["OUT"]) + _size(m["LSE"]))
+    w.bytes += rq * (DH * _size(m["OUT"]) * (2 if m["HAS_LO"] else 1) + _size(m["LSE"]))
     return w
 
 
 def _delta(m: dict, pid: int) -> Work:
     rows = _rows(pid * m["BR"], m["BR"], m["rows"])
-    return Work(bytes=rows * (m["DH"] * (_size(m["OUT"]) + _size(m["DO"])) + _size(m["DELTA"])))
+    out = _size(m["OUT"]) * (2 if m["HAS_LO"] else 1)
+    return Work(bytes=rows * (m["DH"] * (out + _size(m["DO"])) + _size(m["DELTA"])))
+
+
+def _key_bias(m: dict, pid: int) -> Work:
+    rows = _rows(pid * m["BR"], m["BR"], m["rows"])
+    return Work(bytes=rows * (m["DH"] * (_size(m["U"]) + _size(m["KW"])) + _size(m["UK"])))
 
 
 def _query_side_bytes(m: dict, rq: int) -> int:
-    """dO, log-sum-exp and delta of rq query rows (_query_side)."""
-    return rq * (m["DH"] * _size(m["DO"]) + _size(m["LSE"]) + _size(m["DELTA"]))
+    """q, dO, log-sum-exp and delta of rq query rows (_query_side)."""
+    return rq * (m["DH"] * (_size(m["Q"]) + _size(m["DO"])) + _size(m["LSE"]) + _size(m["DELTA"]))
 
 
 def _bwd_window(m: dict, pid: int) -> Work:
@@ -98,20 +104,20 @@ def _bwd_window(m: dict, pid: int) -> Work:
     w = Work()
     s0 = pid * BN
     rs = _rows(s0, BN, S)
-    w.bytes += 2 * rs * DH * it
+    w.bytes += rs * (2 * DH * it + _size(m["UK"])) + (0 if m["POS_TABLE"] else DH * _size(m["V"]))
     for i0 in range(*ls_tiles.window_query_range.fn(s0, P, W, N, BM, BN), BM):
         rq = _rows(i0, BM, N)
-        w.bytes += rq * DH * it + DH * (_size(m["U"]) + _size(m["V"])) + _query_side_bytes(m, rq)
+        w.bytes += _query_side_bytes(m, rq)
         w.dots.update([(BN, BM, DH)] * 2 + [(BN, DH, BM)] * 2 + [(BM, DH, BN)])  # scores, dP; dV, dK; dQ
-        if m["POS_TABLE"]:
-            w.bytes += 2 * _window_visible(i0, BM, s0, BN, P, W, N) * _size(m["QR"])  # QR loaded, dS stored
+        if m["POS_TABLE"]:  # QR and v.R_w loaded, dS stored, at the visible pairs
+            w.bytes += _window_visible(i0, BM, s0, BN, P, W, N) * (2 * _size(m["QR"]) + _size(m["VR"]))
         else:
-            w.bytes += NDW * DH * _size(m["RW"])
+            w.bytes += NDW * (DH * _size(m["RW"]) + _size(m["VR"]))
             w.dots.update([(NDW, BM, DH), (BM, DH, NDW), (NDW, DH, BM)])  # band, its dQ and dR
             band = ls_tiles.window_band_start.fn(i0, s0, P, BN) + np.arange(NDW)
             w.atomics += int(((band >= 0) & (band < W)).sum()) * DH
         w.atomics += rq * DH
-    w.bytes += 2 * rs * DH * it + 2 * DH * _size(m["DBIAS"])
+    w.bytes += 3 * rs * DH * it + DH * (_size(m["U"]) + 2 * _size(m["DBIAS"]))  # dK, dV stored, K again; u
     return w
 
 
@@ -124,7 +130,7 @@ def _bwd_landmark(m: dict, pid: int) -> Work:
     w.bytes += 2 * rl * DH * it
     for i0 in range(ls_tiles.landmark_query_start.fn(l0, M, C, R, BM), N, BM):
         rq = _rows(i0, BM, N)
-        w.bytes += rq * DH * it + _query_side_bytes(m, rq) + NDL * DH * _size(m["RL"])
+        w.bytes += _query_side_bytes(m, rq) + NDL * DH * _size(m["RL"])
         w.dots.update([(NDL, BM, DH)] + [(BN, BM, DH)] * 2 + [(BN, DH, BM)] * 2 + [(BM, DH, BN), (BM, DH, NDL),
                                                                                   (NDL, DH, BM)])
         # band, scores, dP, dV, dK, dQ, band dQ, dR
@@ -143,8 +149,8 @@ def unique_bytes(launch) -> int:
     return sum(t.numel() * t.element_size() for t in seen.values())
 
 
-KERNELS = {"_fwd_kernel": _fwd, "_delta_kernel": _delta, "_bwd_window_kernel": _bwd_window,
-           "_bwd_landmark_kernel": _bwd_landmark}
+KERNELS = {"_fwd_kernel": _fwd, "_delta_kernel": _delta, "_key_bias_kernel": _key_bias,
+           "_bwd_window_kernel": _bwd_window, "_bwd_landmark_kernel": _bwd_landmark}
 
 
 def launch_work(launch, config=None) -> Work:
