@@ -101,6 +101,33 @@ def test_fused_fp32_matches_reference(case, window_pos):
     compare(tensors, geo, torch.float32, 1e-5)
 
 
+def test_fused_reads_the_layers_layouts_in_place():
+    """The attention layer passes q as a transposed view of its (B, N, H, dh) projection and each k, v as a half of
+    [k | v] rows (one DualLN call over both): the kernels read them where they are (no copy) and give the same
+    bits as on contiguous (B, H, L, dh) inputs, gradients included (returned in the same token-major layout)."""
+    from megatron_ls.kernels.ls_forward import row_stride, token_major
+
+    tensors, geo = make_inputs(1, 2, 40, 16, 16, 8, 2, 16, dtype=torch.float32)
+    grad_out = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(2))
+    out_a, grads_a = run(long_short_attention_fused, tensors, geo, grad_out)
+
+    q, kw, vw, kl, vl, *rest = tensors
+    q_rows = q.transpose(1, 2).contiguous().requires_grad_()  # (B, N, H, dh), the projection's layout
+    win, lm = (torch.stack([k.transpose(1, 2), v.transpose(1, 2)], 2).requires_grad_() for k, v in ((kw, vw), (kl, vl)))
+    rest = [t.clone().requires_grad_() for t in rest]
+    laid_out = [q_rows.transpose(1, 2), win[:, :, 0].transpose(1, 2), win[:, :, 1].transpose(1, 2),
+                lm[:, :, 0].transpose(1, 2), lm[:, :, 1].transpose(1, 2)]
+    assert all(token_major(t) is t for t in laid_out) and row_stride(laid_out[1]) == 2 * 2 * 16
+    out_b = long_short_attention_fused(*laid_out, *rest, **geo)
+    assert out_b.transpose(1, 2).is_contiguous()  # the layer's (B, N, H dh) reshape is a view
+    grads_b = torch.autograd.grad(out_b, [q_rows, win, lm, *rest], grad_out)
+    assert torch.equal(out_a, out_b)
+    dq, dwin, dlm, *drest = grads_b
+    unpacked = [dq.transpose(1, 2), dwin[:, :, 0].transpose(1, 2), dwin[:, :, 1].transpose(1, 2),
+                dlm[:, :, 0].transpose(1, 2), dlm[:, :, 1].transpose(1, 2), *drest]
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, unpacked))
+
+
 def test_fused_rejects_an_unknown_window_pos_mode(monkeypatch):
     monkeypatch.setenv("MEGATRON_LS_WINDOW_POS", "diagonal")
     tensors, geo = make_inputs(1, 1, 16, 16, 16, 8, 1, 0, dtype=torch.float32)
@@ -186,7 +213,7 @@ def test_work_account_equals_what_the_kernels_execute(case, window_pos):
     B, H, N, dh, w, c, r, M, clamp, lm = WORK_CASES[case]
     geo = CoreGeometry(B, H, N, M, dh, w, c, r, clamp, lm)
     with recorded_launches() as launches:
-        out = long_short_attention_fused(*[t.requires_grad_() for t in geo.inputs(torch.float32)], **geo.kwargs())
+        out = long_short_attention_fused(*geo.inputs(torch.float32), **geo.kwargs())
         out.backward(torch.zeros_like(out))
     account = {}
     for launch in launches:  # the key bias runs in the forward and again in the backward

@@ -51,7 +51,7 @@ def core_launches(geo: CoreGeometry, dtype: torch.dtype, pos: str) -> list[Launc
     """The launches of one forward + backward of the fused core (host code on meta tensors)."""
     from megatron_ls.kernels.long_short_fused import long_short_attention_fused
 
-    inputs = [t.requires_grad_() for t in geo.inputs(dtype)]
+    inputs = geo.inputs(dtype)
     saved = os.environ.get("MEGATRON_LS_WINDOW_POS")
     os.environ["MEGATRON_LS_WINDOW_POS"] = pos
     try:

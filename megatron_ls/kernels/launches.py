@@ -128,11 +128,18 @@ class CoreGeometry:
         return landmark_distance_rows((self.M + self.N) // self.c, self.clamp)
 
     def inputs(self, dtype: torch.dtype, device: str | torch.device = "meta") -> list[torch.Tensor]:
-        """Zero-filled (or meta) q, k_win, v_win, k_lm, v_lm, u, v, R_w, R_c of this geometry."""
+        """Zero-filled (or meta) q, k_win, v_win, k_lm, v_lm, u, v, R_w, R_c of this geometry, requiring grad, laid
+        out as the attention layer passes them: q a (B, H, N, dh) view of its (B, N, H, dh) projection, each k and
+        v a view of one half of [k | v] rows, (B, L, 2, H, dh)."""
         B, H, N, dh = self.B, self.H, self.N, self.dh
-        shapes = [(B, H, N, dh), (B, H, self.P + N, dh), (B, H, self.P + N, dh), (B, H, self.L, dh),
-                  (B, H, self.L, dh), (H, dh), (H, dh), (H, self.w, dh), (H, self.n_dist, dh)]
-        return [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
+
+        def zeros(*shape):
+            return torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
+
+        q = zeros(B, N, H, dh).transpose(1, 2)
+        win, lm = zeros(B, self.P + N, 2, H, dh), zeros(B, self.L, 2, H, dh)
+        kv = [t[:, :, j].transpose(1, 2) for t in (win, lm) for j in (0, 1)]
+        return [q, *kv, zeros(H, dh), zeros(H, dh), zeros(H, self.w, dh), zeros(H, self.n_dist, dh)]
 
     def kwargs(self) -> dict:
         return dict(window=self.w, chunk=self.c, chunk_rank=self.r, mem_len=self.M)

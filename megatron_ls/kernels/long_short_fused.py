@@ -11,7 +11,7 @@ import torch
 
 from megatron_ls.kernels.availability import autocast_off, window_pos_mode
 from megatron_ls.kernels.ls_backward import long_short_backward
-from megatron_ls.kernels.ls_forward import long_short_forward
+from megatron_ls.kernels.ls_forward import long_short_forward, row_stride, token_major
 from megatron_ls.model.attention.common import check_long_short_shapes
 
 
@@ -29,8 +29,8 @@ class _LongShortFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, out_lo, lse = ctx.saved_tensors
-        grads = long_short_backward(dout.contiguous(), q, k_win, v_win, k_lm, v_lm, u, v, r_win, r_lm, out, out_lo, lse,
-                                    **ctx.geo)
+        grads = long_short_backward(token_major(dout, row_stride_free=False), q, k_win, v_win, k_lm, v_lm, u, v,
+                                    r_win, r_lm, out, out_lo, lse, **ctx.geo)
         dq, dkw, dvw, dkl, dvl, du, dv, drw, drl = grads
         return (dq, dkw, dvw, dkl, dvl, du.to(u.dtype), dv.to(v.dtype), drw.to(r_win.dtype), drl.to(r_lm.dtype),
                 None, None, None, None, None, None)
@@ -71,7 +71,16 @@ def long_short_attention_fused(
     if k_lm.shape[2] == 0:  # window only: the landmark table is never read; keep one valid row
         r_lm = r_lm.new_zeros((q.shape[1], 1, dh)) if r_lm.dim() != 3 or r_lm.shape[1] < 1 else r_lm
     with autocast_off(q):
-        args = [t.to(dt).contiguous() for t in (q, k_win, v_win, k_lm, v_lm)]
+        # The kernels read the projections' own token-major layout (the layer passes transposed views): no copies.
+        args = [token_major(q.to(dt), row_stride_free=False), *_kv_pair(k_win, v_win, dt), *_kv_pair(k_lm, v_lm, dt)]
         args += [pos_bias_u.contiguous(), pos_bias_v.contiguous()]
         args += [t.to(dt).contiguous() for t in (r_win, r_lm)]
         return _LongShortFn.apply(*args, window, chunk, chunk_rank, mem_len, float(scale), window_pos_mode() == "table")
+
+
+def _kv_pair(k: torch.Tensor, v: torch.Tensor, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values token-major with one row stride (one kernel argument for both)."""
+    k, v = token_major(k.to(dt)), token_major(v.to(dt))
+    if row_stride(k) != row_stride(v):
+        k, v = token_major(k, row_stride_free=False), token_major(v, row_stride_free=False)
+    return k, v

@@ -58,9 +58,16 @@ def landmark_band_start(i0, l0, M, C, R, LSTEP: tl.constexpr):
 
 
 @triton.jit
-def load_rows(base, offs, n, DH: tl.constexpr):
-    """Rows offs of a (rows, DH) matrix, zero past row n."""
-    return tl.load(base + offs[:, None] * DH + tl.arange(0, DH)[None, :], mask=(offs < n)[:, None], other=0.0)
+def head_base(ptr, b, h, L, RS, DH: tl.constexpr):
+    """Row 0 of batch b, head h of a token-major (B, L, H, DH) tensor whose rows are RS elements apart (RS >= H DH:
+    a slice of a wider buffer, such as the window keys next to their values, needs no copy)."""
+    return ptr + b * L * RS + h * DH
+
+
+@triton.jit
+def load_rows(base, offs, n, RS, DH: tl.constexpr):
+    """Rows offs (RS elements apart) of a (rows, DH) matrix, zero past row n."""
+    return tl.load(base + offs[:, None] * RS + tl.arange(0, DH)[None, :], mask=(offs < n)[:, None], other=0.0)
 
 
 @triton.jit
@@ -81,7 +88,7 @@ def window_tile(q, kw, uk, rw_ptr, vr_ptr, offs_i, offs_s, i0, s0, P, N, W, scal
     dist = P + offs_i[:, None] - offs_s[None, :]
     dlo = window_band_start(i0, s0, P, BN)
     rows = tl.minimum(tl.maximum(dlo + tl.arange(0, NDW), 0), W - 1)  # rows outside [0, W) meet invisible pairs
-    rb = load_rows(rw_ptr, rows, W, DH)
+    rb = load_rows(rw_ptr, rows, W, DH, DH)
     band = tl.dot(q, tl.trans(rb), input_precision=PREC) * scale + tl.load(vr_ptr + rows)[None, :]
     scores = tl.dot(q, tl.trans(kw), input_precision=PREC) * scale + uk[None, :] + tl.gather(band, dist - dlo, 1)
     return scores, (dist >= 0) & (dist < W) & (offs_i < N)[:, None]
@@ -109,7 +116,7 @@ def landmark_tile(q, kl, rl_ptr, offs_i, offs_l, i0, l0, l_end, M, N, ND, C, R, 
     dist = ((M + offs_i) // C)[:, None] - 1 - (offs_l // R)[None, :]
     dlo = landmark_band_start(i0, l0, M, C, R, LSTEP)
     rows = tl.minimum(tl.maximum(dlo + tl.arange(0, NDL), 0), ND - 1)  # the clamp of far distances
-    rb = load_rows(rl_ptr, rows, ND, DH)
+    rb = load_rows(rl_ptr, rows, ND, DH, DH)
     idx = tl.minimum(tl.maximum(dist - dlo, 0), NDL - 1)
     pos = tl.gather(tl.dot(q, tl.trans(rb), input_precision=PREC), idx, 1)
     scores = (tl.dot(q, tl.trans(kl), input_precision=PREC) + pos) * scale
@@ -125,7 +132,7 @@ def window_band_t(q, rw_ptr, vr_ptr, offs_i, offs_s, i0, s0, P, W, scale, BN: tl
     dlo = window_band_start(i0, s0, P, BN)
     band = dlo + tl.arange(0, NDW)
     rows = tl.minimum(tl.maximum(band, 0), W - 1)
-    rb = load_rows(rw_ptr, rows, W, DH)
+    rb = load_rows(rw_ptr, rows, W, DH, DH)
     bt = tl.dot(rb, tl.trans(q), input_precision=PREC) * scale + tl.load(vr_ptr + rows)[:, None]
     return tl.gather(bt, P + offs_i[None, :] - offs_s[:, None] - dlo, 0), band, rb
 
@@ -145,7 +152,7 @@ def landmark_band_t(q, rl_ptr, offs_i, offs_l, i0, l0, M, ND, C, R, LSTEP: tl.co
     dist = ((M + offs_i) // C)[None, :] - 1 - (offs_l // R)[:, None]
     dlo = landmark_band_start(i0, l0, M, C, R, LSTEP)
     band = dlo + tl.arange(0, NDL)
-    rb = load_rows(rl_ptr, tl.minimum(tl.maximum(band, 0), ND - 1), ND, DH)
+    rb = load_rows(rl_ptr, tl.minimum(tl.maximum(band, 0), ND - 1), ND, DH, DH)
     idx = tl.minimum(tl.maximum(dist - dlo, 0), NDL - 1)
     return tl.gather(tl.dot(rb, tl.trans(q), input_precision=PREC), idx, 0), dist, band, rb
 

@@ -83,14 +83,14 @@ def _fwd(m: dict, pid: int) -> Work:
 
 
 def _delta(m: dict, pid: int) -> Work:
-    rows = _rows(pid * m["BR"], m["BR"], m["rows"])
+    rows = _rows(pid * m["BR"], m["BR"], m["N"])
     out = _size(m["OUT"]) * (2 if m["HAS_LO"] else 1)
     return Work(bytes=rows * (m["DH"] * (out + _size(m["DO"])) + _size(m["DELTA"])))
 
 
 def _key_bias(m: dict, pid: int) -> Work:
-    rows = _rows(pid * m["BR"], m["BR"], m["rows"])
-    return Work(bytes=rows * (m["DH"] * (_size(m["U"]) + _size(m["KW"])) + _size(m["UK"])))
+    rows = _rows(pid * m["BR"], m["BR"], m["S"])
+    return Work(bytes=rows * (m["DH"] * _size(m["KW"]) + _size(m["UK"])) + m["DH"] * _size(m["U"]))
 
 
 def _query_side_bytes(m: dict, rq: int) -> int:
@@ -166,7 +166,8 @@ def launch_work(launch, config=None) -> Work:
 
 
 _ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
-_WRITE_ONLY = {"zero_", "fill_", "copy_", "zeros", "zeros_like", "new_zeros", "ones", "ones_like", "full", "full_like"}
+_WRITE_ONLY = {"zero_", "fill_", "copy_", "zeros", "zeros_like", "new_zeros", "ones", "ones_like", "new_ones", "full",
+               "full_like", "new_full"}
 
 
 class TorchOpWork:
@@ -206,9 +207,11 @@ class TorchOpWork:
         tensors_in = [t for t in tree_leaves(reads) if isinstance(t, torch.Tensor)]
         if name in _WRITE_ONLY:
             tensors_in = tensors_in[1:] if name == "copy_" else []
+        if name.rstrip("_") in ("addmm", "baddbmm") and kwargs.get("beta", 1) == 0:
+            tensors_in = tensors_in[1:]  # beta = 0: the input is not read
         tensors_out = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         self.work.bytes += sum(t.numel() * t.element_size() for t in tensors_in + tensors_out)
-        a, b = {"mm": (0, 1), "addmm": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}.get(name, (None, None))
+        a, b = {"mm": (0, 1), "addmm": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}.get(name.rstrip("_"), (None, None))
         if a is not None:
             x, y = args[a], args[b]
             batch = x.shape[0] if x.dim() == 3 else 1

@@ -12,31 +12,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_ls.model.attention.common import softmax_dtype
 
-
-def compress_landmarks(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
-                       kv_weight: torch.Tensor, kv_bias: torch.Tensor | None, *, heads: int, chunk: int,
-                       rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Landmark keys and values of every chunk of x.
+def compress_landmarks_joint(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
+                             kv_weight: torch.Tensor, kv_bias: torch.Tensor | None, *, heads: int, chunk: int,
+                             rank: int) -> torch.Tensor:
+    """Landmark keys and values of every chunk of x side by side: (B, L/chunk*rank, 2, heads*dh), [k, v] per row
+    (DualLN's second norm then normalises both in one call, and the kernels read them in place).
 
     x (B, L, D) with L a multiple of `chunk`; proj_weight (heads*rank, D) head-major rows;
     kv_weight (2*heads*dh, D) = [Wk ; Wv] rows of the local heads, kv_bias (2*heads*dh,).
-    Returns k, v of shape (B, L/chunk*rank, heads*dh), landmark-major (chunk, then rank).
     """
     B, L, D = x.shape
     n_chunks = L // chunk
     dh = kv_weight.shape[0] // (2 * heads)
     logits = F.linear(x, proj_weight, proj_bias).view(B, n_chunks, chunk, heads * rank)
-    probs = F.softmax(logits.to(softmax_dtype(logits.dtype)), dim=2).to(x.dtype)
+    # Softmax over the chunk: torch computes half types in fp32 and rounds once, with no fp32 tensor in between.
+    probs = F.softmax(logits, dim=2)
     probs = probs.transpose(2, 3)  # (B, n, heads*rank, c)
     compressed = torch.matmul(probs, x.view(B, n_chunks, chunk, D))  # (B, n, heads*rank, D)
-    # Per head: its r compressed rows times its own rows of Wk and Wv.
+    # Per head: its r compressed rows times its own rows of Wk and Wv, plus their biases.
     compressed = compressed.view(B * n_chunks, heads, rank, D).permute(1, 0, 2, 3).reshape(heads, -1, D)
     w = kv_weight.view(2, heads, dh, D).permute(1, 3, 0, 2).reshape(heads, D, 2 * dh)
-    kv = torch.bmm(compressed, w).view(heads, B, n_chunks * rank, 2, dh)
-    k, v = kv.permute(3, 1, 2, 0, 4).reshape(2, B, n_chunks * rank, heads * dh)
-    if kv_bias is not None:
-        bk, bv = kv_bias.view(2, heads * dh)
-        k, v = k + bk, v + bv
-    return k, v
+    if kv_bias is None:
+        kv = torch.bmm(compressed, w)
+    else:
+        kv = torch.baddbmm(kv_bias.view(2, heads, 1, dh).permute(1, 2, 0, 3).reshape(heads, 1, 2 * dh), compressed, w)
+    kv = kv.view(heads, B, n_chunks * rank, 2, dh)
+    return kv.permute(1, 2, 3, 0, 4).reshape(B, n_chunks * rank, 2, heads * dh)
+
+
+def compress_landmarks(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
+                       kv_weight: torch.Tensor, kv_bias: torch.Tensor | None, *, heads: int, chunk: int,
+                       rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Landmark keys and values of every chunk of x, (B, L/chunk*rank, heads*dh) each, landmark-major (chunk, then
+    rank): views of compress_landmarks_joint()."""
+    kv = compress_landmarks_joint(x, proj_weight, proj_bias, kv_weight, kv_bias, heads=heads, chunk=chunk, rank=rank)
+    return kv[:, :, 0], kv[:, :, 1]

@@ -17,7 +17,7 @@ from torch import nn
 
 from megatron_ls.model.attention import landmark_distance_rows, long_short_attention
 from megatron_ls.model.config import TransformerLSConfig
-from megatron_ls.model.landmarks import compress_landmarks
+from megatron_ls.model.landmarks import compress_landmarks_joint
 from megatron_ls.model.positions import sinusoid
 from megatron_ls.parallel import mpu
 from megatron_ls.parallel.layers import (
@@ -100,16 +100,20 @@ class LongShortSelfAttention(nn.Module):
         span = x if P == 0 else torch.cat([memory[:, M - P:], x], dim=1)
         kv_weight = torch.cat([self.key.weight, self.value.weight])
         kv_bias = torch.cat([self.key.bias, self.value.bias])
-        k_win, v_win = F.linear(copy_to_tensor_model_parallel_region(span), kv_weight, kv_bias).chunk(2, dim=-1)
-        k_win, v_win = self._heads(self.ln_win(k_win)), self._heads(self.ln_win(v_win))
+        kv = F.linear(copy_to_tensor_model_parallel_region(span), kv_weight, kv_bias)
+        # DualLN's first norm on K and V in one call over [K | V] rows; the core reads both halves in place.
+        k_win, v_win = (self._heads(t) for t in self.ln_win(kv.view(B, P + N, 2, -1)).unbind(2))
         r_win = self._positions(self.r_win_net, w, x)
 
         if self.use_landmarks:
-            stream = x if M == 0 else torch.cat([memory, x], dim=1)
-            k_lm, v_lm = compress_landmarks(
-                copy_to_tensor_model_parallel_region(stream), self.dproj.weight, self.dproj.bias, kv_weight,
-                kv_bias, heads=self.heads, chunk=c, rank=r)
-            k_lm, v_lm = self._heads(self.ln_lm(k_lm)), self._heads(self.ln_lm(v_lm))
+            # Memory and segment chunks compressed apart (chunks never straddle them): no copy of [memory; x].
+            compressed = [compress_landmarks_joint(copy_to_tensor_model_parallel_region(part), self.dproj.weight,
+                                                   self.dproj.bias, kv_weight, kv_bias, heads=self.heads, chunk=c,
+                                                   rank=r)
+                          for part in ([x] if M == 0 else [memory, x])]
+            kv_lm = compressed[0] if M == 0 else torch.cat(compressed, dim=1)
+            # DualLN's second norm on the landmark keys and values in one call; the core reads both in place.
+            k_lm, v_lm = (self._heads(t) for t in self.ln_lm(kv_lm).unbind(2))
             n_dist = landmark_distance_rows((M + N) // c, cfg.max_landmark_distance)
             r_lm = self._positions(self.r_lm_net, n_dist, x)
         else:
