@@ -234,3 +234,15 @@ def test_dropout_trains_and_eval_is_deterministic():
     assert all(p.grad is not None for p in m.parameters())
     m.eval()
     assert torch.equal(m(tokens)[0], m(tokens)[0])
+
+
+def test_sinusoid_table_is_computed_once_and_exact():
+    """Every layer and call projects the same sinusoid table: computed once (grown on demand), row p exactly
+    sinusoid(p)."""
+    from megatron_ls.model.positions import sinusoid, sinusoid_table
+
+    small = sinusoid_table(5, 32, torch.device("cpu"), torch.float64)
+    big = sinusoid_table(300, 32, torch.device("cpu"), torch.float64)
+    assert torch.equal(big, sinusoid(torch.arange(300), 32, dtype=torch.float64)) and torch.equal(small, big[:5])
+    again = sinusoid_table(40, 32, torch.device("cpu"), torch.float64)
+    assert again.data_ptr() == big.data_ptr()  # a view of the cached table, nothing recomputed

@@ -18,7 +18,7 @@ from torch import nn
 from megatron_ls.model.attention import landmark_distance_rows, long_short_attention
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.landmarks import compress_landmarks_joint
-from megatron_ls.model.positions import sinusoid
+from megatron_ls.model.positions import sinusoid_table
 from megatron_ls.parallel import mpu
 from megatron_ls.parallel.layers import (
     ColumnParallelLinear,
@@ -83,7 +83,7 @@ class LongShortSelfAttention(nn.Module):
         return x.view(B, L, self.heads, self.head_dim).transpose(1, 2)
 
     def _positions(self, net: ColumnParallelLinear, n: int, like: torch.Tensor) -> torch.Tensor:
-        table = sinusoid(torch.arange(n, device=like.device), self.config.hidden_size, dtype=like.dtype)
+        table = sinusoid_table(n, self.config.hidden_size, like.device, like.dtype)
         return net(table).view(n, self.heads, self.head_dim).transpose(0, 1)  # (H_local, n, dh)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, impl: str | None = None) -> torch.Tensor:

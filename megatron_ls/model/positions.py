@@ -12,6 +12,21 @@ def sinusoid(positions: torch.Tensor, dim: int, dtype: torch.dtype | None = None
     return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype or torch.get_default_dtype())
 
 
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def sinusoid_table(n: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """sinusoid(0 .. n-1), computed once per (dim, device, dtype) and grown on demand: every layer and call projects
+    the same constant table (row p depends only on p, so the first n rows of a longer table are exactly it)."""
+    key = (dim, str(device), dtype)
+    table = _TABLES.get(key)
+    if table is None or table.shape[0] < n:
+        table = sinusoid(torch.arange(max(n, 2 * (0 if table is None else table.shape[0])), device=device), dim,
+                         dtype=dtype)
+        _TABLES[key] = table
+    return table[:n]
+
+
 def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x_i, x_{i+dh/2}) of x (..., S, dh) by position * 10000^(-2i/dh) (RoPE, half split)."""
     dh = x.shape[-1]
