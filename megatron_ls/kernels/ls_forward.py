@@ -2,8 +2,11 @@
 
 One program per (query block, batch*head). It walks the landmark blocks the block can see (the
 chunk-causal bound of its last query), then the window key blocks (t - w < s <= t), keeping ONE
-online softmax over both, and stores the output and the base-2 log-sum-exp for the backward.
-All tensors are contiguous (B, H, rows, dh); R tables are (H, rows, dh).
+online softmax over both, and stores the output (with its rounding residual in half precision) and
+the base-2 log-sum-exp for the backward. q, k, v and the output are token-major ((B, rows, H, dh)
+memory, passed as (B, H, rows, dh) views; token_major()); R tables are (H, rows, dh). The host also
+builds the fp32 bias terms u.k_s (key_bias) and v.R_w(d) (position_bias) and, in table mode, the
+window position table (window_pos_table).
 """
 
 from __future__ import annotations
@@ -120,12 +123,6 @@ def key_bias(k_win: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get exact products (the fp32 tests compare tightly); half types use the tensor cores.
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def scaled_q_plus_v(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q * scale + v_h, summed in fp32 and rounded once to q's dtype (no fp32 copy of q: the sum runs in fp32
-    inside the one elementwise pass)."""
-    return torch.add(v[None, :, None, :], q, alpha=scale, out=torch.empty_like(q))
 
 
 def position_bias(v: torch.Tensor, r_win: torch.Tensor) -> torch.Tensor:

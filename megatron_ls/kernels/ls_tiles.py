@@ -6,9 +6,10 @@ The forward is query-major (a tile is BM queries x BN keys, scores (BM, BN)); th
 Relative positions: the distances of a tile form one contiguous band, so the kernel multiplies the band of
 R rows by the queries (one tl.dot) and moves each score to its key with tl.gather. The band's gradient is
 the inverse gather of dS (window distances are unique per (i, s); landmark distances repeat across the r
-landmarks of a chunk, hence the sum over m < r). The window term can instead come from a table
-QR = (q+v) R_w^T computed by one GEMM outside the kernels (`*_table`: no band product, an N x w table per
+landmarks of a chunk, hence the sum over m < r). The window term comes by default from a table
+QR = scale q R_w^T computed by GEMMs outside the kernels (`*_table`: no band product, an N x w table per
 head in memory); the backward then stores dS at (i, d) and two GEMMs finish the gradients of q, v and R_w.
+Tensors are addressed token-major: row l of batch b, head h at b L RS + l RS + h DH (head_base, load_rows).
 
 The loop bounds (`*_range`, `*_start`) use only integer arithmetic and the builtin min / max, so that
 bench/kernel_work.py evaluates the very same functions in Python (`fn.fn(...)`) to count the work.

@@ -27,7 +27,7 @@ _TILES = {
 
 def configs(kernel: str) -> list[triton.Config]:
     """Autotune candidates of one kernel (a key of _TILES): one small tile under the interpreter
-    (every program runs in Python), the spill-free tiles of _TILES on CUDA.
+    (every program runs in Python), the tiles of _TILES on CUDA.
 
     MEGATRON_LS_TRITON_CONFIG=i keeps only candidate i (read at import), also under the interpreter: tests
     run each CUDA tile's index arithmetic on the CPU, bench/gpu_check.sh checks each tile in turn on a GPU."""
