@@ -121,11 +121,13 @@ def test_fused_reads_the_layers_layouts_in_place():
     out_b = long_short_attention_fused(*laid_out, *rest, **geo)
     assert out_b.transpose(1, 2).is_contiguous()  # the layer's (B, N, H dh) reshape is a view
     grads_b = torch.autograd.grad(out_b, [q_rows, win, lm, *rest], grad_out)
-    assert torch.equal(out_a, out_b)
     dq, dwin, dlm, *drest = grads_b
     unpacked = [dq.transpose(1, 2), dwin[:, :, 0].transpose(1, 2), dwin[:, :, 1].transpose(1, 2),
                 dlm[:, :, 0].transpose(1, 2), dlm[:, :, 1].transpose(1, 2), *drest]
-    assert all(torch.equal(a, b) for a, b in zip(grads_a, unpacked))
+    # The same bits under the interpreter (programs run in order); on a GPU dQ's atomics may add in another order.
+    tol = dict(rtol=1e-6, atol=1e-7) if CUDA else dict(rtol=0, atol=0)
+    for a, b in zip([out_a, *grads_a], [out_b, *unpacked]):
+        torch.testing.assert_close(b, a, **tol)
 
 
 def test_fused_rejects_an_unknown_window_pos_mode(monkeypatch):
