@@ -22,5 +22,5 @@ if __name__ == "__main__":
     from megatron_ls.tool_signals import stopping_while_loading
 
     with stopping_while_loading("pretrain_char_lm.py: error"):  # torch and DeepSpeed load here: seconds
-        from megatron_ls.training.loop import main
+        from megatron_ls.cli.pretrain import main
     sys.exit(main())

@@ -17,9 +17,9 @@ setup(
     entry_points={
         "console_scripts": [
             "mls-preprocess-data=megatron_ls.cli.preprocess_data:main",
-            "mls-convert-checkpoint=megatron_ls.checkpoint_convert.cli:main",
-            "mls-generate=megatron_ls.inference.generate_cli:main",
-            "mls-evaluate=megatron_ls.inference.evaluate_cli:main",
+            "mls-convert-checkpoint=megatron_ls.cli.convert_checkpoint:main",
+            "mls-generate=megatron_ls.cli.generate:main",
+            "mls-evaluate=megatron_ls.cli.evaluate:main",
         ],
     },
 )

@@ -30,6 +30,7 @@ from megatron_ls.model import TransformerLSConfig  # noqa: E402
 from megatron_ls.model.attention import fused_available  # noqa: E402
 from megatron_ls.model.config import PRESETS  # noqa: E402
 from megatron_ls.model.lm import TransformerLSLM  # noqa: E402
+from megatron_ls.parallel.layout import ParallelLayout  # noqa: E402
 from megatron_ls.training.memory_estimate import GiB, TrainingLayout, estimate_memory  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,8 +51,9 @@ def layouts(config: TransformerLSConfig, gpus: int, micro: int, global_batch: in
                 # No recomputation, selective (the blocked core's scores only), full (every layer).
                 recompute = ("none", "selective", "full") if base["attention_impl"] == "blocked" else ("none", "full")
                 for mode in recompute:
-                    out.append(TrainingLayout(micro_batch_size=micro, grad_accum_steps=lanes // (micro * dp), tp=tp,
-                                              pp=pp, dp=dp, zero_stage=zero, checkpoint_activations=mode == "full",
+                    out.append(TrainingLayout(micro_batch_size=micro, grad_accum_steps=lanes // (micro * dp),
+                                              parallel=ParallelLayout(gpus, tp, pp, zero),
+                                              checkpoint_activations=mode == "full",
                                               recompute_attention=mode == "selective", **base))
     return out
 
@@ -155,7 +157,7 @@ def main() -> int:
     rows = []
     for layout in layouts(config, a.gpus, a.micro_batch_size, a.global_batch_size, base):
         est = estimate_memory(config, a.seq_length, mem, layout)
-        rows.append({"layout": layout.describe(), **layout.__dict__, **est.as_dict(), "fits": est.total <= budget})
+        rows.append({"layout": layout.describe(), **layout.as_dict(), **est.as_dict(), "fits": est.total <= budget})
 
     print(f"{a.preset}: N={a.seq_length}, M={mem}, {a.gpus} GPUs, {a.precision}, long-short core '{a.impl}', "
           f"per GPU (most loaded pipeline stage), GiB; fits = under {a.device_gib:g} GiB")

@@ -54,7 +54,7 @@ def full_gradients(engine) -> dict[str, torch.Tensor]:
     """This rank's gradients, reduced over DP and gathered over TP, keyed by TransformerLSLM parameter name."""
     from deepspeed.utils import safe_get_full_grad
 
-    from megatron_ls.model.pipeline import pipe_to_lm_name
+    from megatron_ls.checkpoint.param_names import pipe_to_lm_name
 
     out = {}
     for name, p in engine.module.named_parameters():

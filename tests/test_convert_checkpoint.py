@@ -113,7 +113,7 @@ def load_converted(rank: int, world: int, out: str) -> None:
 
 
 def consolidated_logits(folder: str) -> torch.Tensor:
-    from megatron_ls.inference.consolidated import load_consolidated
+    from megatron_ls.checkpoint.consolidated import load_consolidated
 
     model, tokenizer = load_consolidated(folder)
     assert tokenizer is not None and tokenizer.vocab_size == 27
@@ -127,7 +127,7 @@ def consolidated_logits(folder: str) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_tp2_pp2_to_consolidated_and_back_to_tp1(tmp_path):
-    from megatron_ls.checkpoint_convert.cli import main
+    from megatron_ls.cli.convert_checkpoint import main
 
     out = str(tmp_path)
     run_distributed(train_and_save, 4, out, 2, 2, 1, timeout=240)
@@ -145,7 +145,7 @@ def test_tp2_pp2_to_consolidated_and_back_to_tp1(tmp_path):
 @pytest.mark.slow
 def test_zero3_tp2_dp2_to_consolidated(tmp_path, capsys):
     """ZeRO-3 module states are placeholders: the weights come from the optimizer partitions, per TP rank."""
-    from megatron_ls.checkpoint_convert.cli import main
+    from megatron_ls.cli.convert_checkpoint import main
     from megatron_ls.inference.model_source import load_model
 
     out = str(tmp_path)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from test_inference_cli import ROOT, make_model_dir
 
-from megatron_ls.checkpoint_convert.cli import main
+from megatron_ls.cli.convert_checkpoint import main
 
 
 @pytest.fixture()
@@ -104,14 +104,15 @@ def test_overwrite_replaces_the_whole_tag(model_dir, tmp_path, capsys):
 
 
 def test_consolidated_writer_leaves_nothing_on_a_missing_sentencepiece_model(tmp_path):
-    from megatron_ls.inference.consolidated import InferenceError, is_consolidated, save_consolidated
+    from megatron_ls.checkpoint.consolidated import is_consolidated, save_consolidated
+    from megatron_ls.errors import CheckpointError
     from megatron_ls.model import TransformerLSConfig, TransformerLSLM
 
     config = TransformerLSConfig(vocab_size=300, num_layers=1, hidden_size=32, num_attention_heads=2,
                                  ffn_hidden_size=64, window_size=16, chunk_size=8, dropout=0.0)
     out = str(tmp_path / "out")
     tokenizer = {"type": "sentencepiece", "vocab_size": 300, "model": "gone.model"}
-    with pytest.raises(InferenceError, match="gone.model"):
+    with pytest.raises(CheckpointError, match="gone.model"):
         save_consolidated(out, TransformerLSLM(config).state_dict(), config, tokenizer, str(tmp_path))
     assert not is_consolidated(out) and not (os.path.isdir(out) and os.listdir(out))
 
@@ -129,7 +130,7 @@ def test_corrupt_manifest(model_dir, tmp_path, capsys):
 
 def test_flipped_bytes_fail_the_crc_check(model_dir, tmp_path, capsys):
     """Same-size damage (the manifest's sizes all agree) is found by the CRC-32, by convert and by load_model."""
-    from megatron_ls.inference.errors import InferenceError
+    from megatron_ls.errors import CheckpointError
     from megatron_ls.inference.model_source import load_model
 
     ckpt = str(tmp_path / "ckpt")
@@ -145,14 +146,14 @@ def test_flipped_bytes_fail_the_crc_check(model_dir, tmp_path, capsys):
     assert main(["--load", ckpt, "--output", out]) == 1
     assert "mp_rank_00_model_states.pt fails its CRC-32 check" in _error(capsys)
     assert not os.path.exists(out)
-    with pytest.raises(InferenceError, match="fails its CRC-32 check"):  # generate.py and evaluate.py
+    with pytest.raises(CheckpointError, match="fails its CRC-32 check"):  # generate.py and evaluate.py
         load_model(ckpt)
 
 
 @pytest.mark.parametrize("where", ["a-file", "under-a-file", "proc", "sys"])
 @pytest.mark.parametrize("target", [[], ["--target-tp", "1"]])
 def test_unusable_output_is_one_line_before_any_reading(model_dir, tmp_path, capsys, monkeypatch, where, target):
-    import megatron_ls.checkpoint_convert.cli as cli
+    import megatron_ls.checkpoint.source as source
 
     blocker = tmp_path / "a-file"
     blocker.write_text("keep me")
@@ -167,7 +168,7 @@ def test_unusable_output_is_one_line_before_any_reading(model_dir, tmp_path, cap
     def no_reading(*args):
         raise AssertionError("--output must be checked before the checkpoint is read")
 
-    monkeypatch.setattr(cli, "_read_source", no_reading)
+    monkeypatch.setattr(source, "read_weights", no_reading)
     assert main(["--load", ckpt, "--output", output, *target]) == 1
     err = _error(capsys)
     assert len(err.strip().splitlines()) == 1 and f"cannot write --output {output}" in err, err

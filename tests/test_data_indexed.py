@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from megatron_ls.data import indexed_dataset as idx_mod
-from megatron_ls.data.errors import IndexedDatasetError
-from megatron_ls.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
+from megatron_ls.data.indexed_dataset import IndexedDatasetError, MMapIndexedDataset, MMapIndexedDatasetBuilder
 
 # The spec (DESIGN.md §3 / Megatron's indexed_dataset.py), restated independently of the code.
 SPEC_CODES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64", 7: "float32", 8: "uint16"}

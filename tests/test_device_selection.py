@@ -17,12 +17,12 @@ import torch
 from training_utils import ROOT, SCRIPT, TINY, env, error_lines, make_shards
 
 import megatron_ls.kernels.availability as availability
+from megatron_ls.errors import ConfigError
 from megatron_ls.model import TransformerLSConfig
 from megatron_ls.model.attention import auto_impl, resolve_impl
 from megatron_ls.training import arguments
 from megatron_ls.training.arguments import finalize_args, parse_args
 from megatron_ls.training.ds_config import FP16_LOSS_SCALING, build_ds_config
-from megatron_ls.training.errors import ConfigError
 from megatron_ls.training.loop import _core_impl
 from megatron_ls.training.memory_check import training_layout
 

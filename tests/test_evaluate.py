@@ -11,13 +11,13 @@ import pytest
 import torch
 from test_inference_cli import make_model_dir
 
-from megatron_ls.checkpoint_convert.cli import main as convert_main
+from megatron_ls.checkpoint.consolidated import load_consolidated
+from megatron_ls.cli.convert_checkpoint import main as convert_main
+from megatron_ls.cli.evaluate import main as evaluate_main
 from megatron_ls.cli.preprocess_data import main as preprocess_main
 from megatron_ls.data.lanes import load_split
-from megatron_ls.inference.consolidated import load_consolidated
 from megatron_ls.inference.context import ContextRule
 from megatron_ls.inference.decoder import IncrementalDecoder
-from megatron_ls.inference.evaluate_cli import main as evaluate_main
 
 CONTEXT, STEP = 96, 32
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from test_inference_cli import make_model_dir
 
-from megatron_ls.data.errors import DataError
+from megatron_ls.cli.generate import __doc__ as generate_help
+from megatron_ls.cli.generate import encode_prompt
+from megatron_ls.cli.generate import main as generate_main
+from megatron_ls.cli.runner import run_cli
 from megatron_ls.data.tokenizers import ByteTokenizer, Text8Tokenizer
-from megatron_ls.inference.errors import InferenceError, run_cli
-from megatron_ls.inference.generate_cli import __doc__ as generate_help
-from megatron_ls.inference.generate_cli import encode_prompt
-from megatron_ls.inference.generate_cli import main as generate_main
+from megatron_ls.errors import DataError, InferenceError
 from megatron_ls.inference.model_source import load_model
 from megatron_ls.inference.sampling import sample_next
 

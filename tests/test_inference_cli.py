@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
+from megatron_ls.checkpoint.consolidated import load_consolidated, save_consolidated
+from megatron_ls.cli.generate import main as generate_main
 from megatron_ls.data.tokenizers import ByteTokenizer, Text8Tokenizer
-from megatron_ls.inference.consolidated import load_consolidated, save_consolidated
 from megatron_ls.inference.generate import generate
-from megatron_ls.inference.generate_cli import main as generate_main
 from megatron_ls.inference.sampling import sample_next
 from megatron_ls.model import TransformerLSConfig, TransformerLSLM
 
@@ -122,7 +122,7 @@ class Block:
             raise ImportError("deepspeed is blocked in this test")
 sys.meta_path.insert(0, Block())
 sys.path.insert(0, {ROOT!r})
-from megatron_ls.inference.generate_cli import main
+from megatron_ls.cli.generate import main
 rc = main(["--model", {byte_model!r}, "--prompt", "abc", "--max-new-tokens", "8", "--seed", "0", "--quiet"])
 assert rc == 0, rc
 assert not any(m == "deepspeed" or m.startswith("deepspeed.") for m in sys.modules), "deepspeed got imported"

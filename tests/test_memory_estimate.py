@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -20,6 +21,7 @@ import torch
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM
 from megatron_ls.model.long_short_attention import set_selective_recompute
+from megatron_ls.parallel.layout import ParallelLayout
 from megatron_ls.training.memory_estimate import (
     GiB,
     TrainingLayout,
@@ -108,14 +110,18 @@ def test_parameters_exact(attention_type, tie):
 
 def test_checkpointing_zero_and_pipeline_lower_the_estimate():
     cfg = TransformerLSConfig.from_preset("enwik8-12l")
-    base = TrainingLayout(dp=8, precision="bf16", attention_impl="fused")
+    base = TrainingLayout(parallel=ParallelLayout(8), precision="bf16", attention_impl="fused")
 
     def total(**kw) -> int:
-        return estimate_memory(cfg, 4096, 4096, TrainingLayout(**{**base.__dict__, **kw})).total
+        degrees = {k: kw.pop(k) for k in ("tp", "pp", "zero_stage") if k in kw}  # on 8 GPUs: dp follows
+        kw.pop("dp", None)
+        return estimate_memory(cfg, 4096, 4096, dataclasses.replace(base, parallel=ParallelLayout(8, **degrees),
+                                                                    **kw)).total
 
     assert total(checkpoint_activations=True) < total()
     assert total(zero_stage=2, reduce_bucket_size=10**6) < total(zero_stage=1, reduce_bucket_size=10**6)
-    states = [sum(state_bytes(10**8, TrainingLayout(dp=8, zero_stage=z, precision="bf16"))) for z in range(4)]
+    states = [sum(state_bytes(10**8, TrainingLayout(parallel=ParallelLayout(8, zero_stage=z), precision="bf16")))
+              for z in range(4)]
     assert states == sorted(states, reverse=True) and states[3] < states[0] / 5
     assert total(pp=2, dp=4) < total()
     assert total(micro_batch_size=2) > total()
@@ -125,13 +131,12 @@ def test_window_position_table_adds_its_two_tables_to_the_workspace(monkeypatch)
     """MEGATRON_LS_WINDOW_POS=table: the table and its gradient (B x H/tp x N x w each) live in a layer's backward."""
     import argparse
 
-    from megatron_ls.training.errors import ConfigError
+    from megatron_ls.errors import ConfigError
     from megatron_ls.training.memory_check import training_layout
 
     cfg = TransformerLSConfig.from_preset("enwik8-12l", attention_impl="fused")
     args = argparse.Namespace(bf16=True, fp16=False, micro_batch_size=2, gradient_accumulation_steps=1,
-                              tensor_model_parallel_size=2, pipeline_model_parallel_size=1, data_parallel_size=1,
-                              zero_stage=0, checkpoint_activations=False)
+                              layout=ParallelLayout(2, tp=2), zero_stage=0, checkpoint_activations=False)
     monkeypatch.setenv("MEGATRON_LS_WINDOW_POS", "table")
     table = training_layout(args, cfg, {}, "cuda")
     monkeypatch.setenv("MEGATRON_LS_WINDOW_POS", "band")
@@ -147,14 +152,14 @@ def test_window_position_table_adds_its_two_tables_to_the_workspace(monkeypatch)
 def test_enwik8_30l_phase3_fits_32gb_on_8_gpus():
     """The paper trains 30 layers at 8192 tokens with 8192 of memory on 8 V100 32GB."""
     cfg = TransformerLSConfig.from_preset("enwik8-30l", mem_length=8192)
-    layout = TrainingLayout(micro_batch_size=1, dp=8, zero_stage=1, checkpoint_activations=True, precision="fp16",
-                            attention_impl="fused")
+    layout = TrainingLayout(micro_batch_size=1, parallel=ParallelLayout(8, zero_stage=1), checkpoint_activations=True,
+                            precision="fp16", attention_impl="fused")
     est = estimate_memory(cfg, 8192, 8192, layout)
     assert est.total < 32e9 * 0.8, est.line()
     # Even the pure-PyTorch fallback fits with checkpointing; without it, in fp32, it does not.
     assert estimate_memory(cfg, 8192, 8192, TrainingLayout(**{**layout.__dict__, "attention_impl": "blocked"})
                            ).total < 32e9 * 0.8
-    no_ckpt = TrainingLayout(dp=8, precision="fp32", attention_impl="blocked")
+    no_ckpt = TrainingLayout(parallel=ParallelLayout(8), precision="fp32", attention_impl="blocked")
     assert estimate_memory(cfg, 8192, 8192, no_ckpt).total > 32e9
 
 
@@ -200,7 +205,8 @@ def test_parameter_and_optimizer_bytes_match_deepspeed(tmp_path):
     out = str(tmp_path / "states.pt")
     run_distributed(_engine_states, 1, out, timeout=300)
     for (stage, precision), (measured, n_params) in torch.load(out).items():
-        layout = TrainingLayout(zero_stage=stage, precision=precision, reduce_bucket_size=1000)
+        layout = TrainingLayout(parallel=ParallelLayout(1, zero_stage=stage), precision=precision,
+                                reduce_bucket_size=1000)
         params, _, optimizer = state_bytes(n_params, layout)
         expected = params + optimizer
         assert abs(measured - expected) <= 0.01 * expected, (stage, precision, measured, expected)

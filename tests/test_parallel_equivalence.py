@@ -120,21 +120,21 @@ def test_activation_checkpointing_is_exact_with_dropout(tp, pp, tmp_path):
 def _bad_layouts(rank: int, world: int, out_dir: str) -> None:
     from equivalence_helpers import ds_config
 
-    from megatron_ls.parallel.mpu import ParallelConfigError
+    from megatron_ls.errors import ParallelConfigError
     from megatron_ls.training.distributed import init_distributed
     from megatron_ls.training.engine import build_engine
 
     config = tiny_config()  # 4 heads, 2 layers; world = 3
-    cases = [((3, 1), "must divide num-attention-heads (4)"),
-             ((1, 3), "pipeline-model-parallel-size (3) must not exceed num-layers (2)"),
-             ((2, 1), "world size 3 is not divisible by tensor-model-parallel-size (2)")]
+    cases = [((3, 1), "must divide --num-attention-heads (4)"),
+             ((1, 3), "--pipeline-model-parallel-size (3) exceeds --num-layers (2)"),
+             ((2, 1), "world size 3 is not divisible by --tensor-model-parallel-size (2)")]
     for (tp, pp), message in cases:
         with pytest.raises(ParallelConfigError, match=r".*" + message.replace("(", r"\(").replace(")", r"\)")):
             init_distributed(tp, pp, config)
     # A valid 3-stage pipeline, but ZeRO 2 is DeepSpeed's no-go with pipelines: refused before DeepSpeed starts.
     deep = tiny_config(num_layers=3)
     layout = init_distributed(1, 3, deep)
-    with pytest.raises(ParallelConfigError, match="ZeRO stage 2 is not possible with pipeline-model-parallel-size 3"):
+    with pytest.raises(ParallelConfigError, match="--zero-stage 2 cannot be used with pipeline parallelism"):
         build_engine(deep, ds_config(2, 1, layout.dp), layout, seed=0)
 
 
@@ -171,4 +171,4 @@ def test_bad_layout_under_a_launcher_environment_exits_cleanly(tmp_path):
                 p.kill()
     for rc, err in outputs:
         assert rc != 0
-        assert "ParallelConfigError: world size 3 is not divisible by tensor-model-parallel-size (2)" in err, err
+        assert "ParallelConfigError: world size 3 is not divisible by --tensor-model-parallel-size (2)" in err, err

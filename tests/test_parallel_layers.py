@@ -78,8 +78,11 @@ def test_tensor_parallel_layers_match_single_process():
 
 
 def test_bad_parallel_sizes_name_the_problem():
-    with pytest.raises(mpu.ParallelConfigError, match="not divisible"):
-        mpu.check_parallel_sizes(world_size=6, tp=4, pp=1)
+    from megatron_ls.errors import ParallelConfigError
+    from megatron_ls.parallel.layout import ParallelLayout
+
+    with pytest.raises(ParallelConfigError, match="not divisible"):
+        ParallelLayout(world_size=6, tp=4, pp=1)
 
 
 def _gathered(t: torch.Tensor) -> list[torch.Tensor]:

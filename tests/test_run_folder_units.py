@@ -16,11 +16,12 @@ import torch
 import torch.distributed as dist
 from distributed import run_distributed
 
-from megatron_ls.data.errors import DataError
+from megatron_ls.checkpoint import files
+from megatron_ls.checkpoint.manifest import tag_bytes
 from megatron_ls.data.preprocess import preprocess_text
+from megatron_ls.errors import CheckpointError, ConfigError, DataError
 from megatron_ls.training import checkpointing as ckpt
 from megatron_ls.training import run_folder
-from megatron_ls.training.errors import CheckpointError, ConfigError, TrainingError
 from megatron_ls.training.launcher_watch import launcher_kind
 from megatron_ls.training.schedule_resume import lr_at, resolve_schedule
 from megatron_ls.training.schedules import scheduler_config
@@ -54,7 +55,7 @@ def test_deleted_latest_reads_the_newest_complete_checkpoint(tmp_path, capsys):
     _saved(d, 5, 10)
     os.makedirs(os.path.join(d, "iter_0000015.partial"))  # never a candidate
     os.remove(os.path.join(d, "latest"))
-    assert ckpt.has_checkpoint(d)
+    assert files.has_checkpoint(d)
     path, info = ckpt.locate_checkpoint(d)
     assert path.endswith("iter_0000010") and info["iteration"] == 10
     assert "no 'latest' file" in capsys.readouterr().out
@@ -67,7 +68,7 @@ def test_damaged_latest_is_one_clear_error(tmp_path):
         f.write(bytes(range(128, 192)))  # not UTF-8: was a UnicodeDecodeError traceback
     with pytest.raises(CheckpointError, match=r"latest is damaged \(not text\): delete it .* iter_0000005"):
         ckpt.locate_checkpoint(d)
-    assert ckpt.read_latest(d) is None
+    assert files.read_latest(d) is None
 
 
 @pytest.mark.parametrize("content,found", [
@@ -124,14 +125,14 @@ def test_lock_of_a_failed_start_leaves_no_folder(tmp_path):
     lock = run_folder.RunFolderLock(d)
     lock.acquire()
     lock.release(failed_start=True)  # a folder with files is never removed
-    assert ckpt.complete_tags(d) == [(1, "iter_0000001")]
+    assert files.complete_tags(d) == [(1, "iter_0000001")]
 
 
 # ---- room for a save ------------------------------------------------------------------------------
 def test_room_check_before_a_save(tmp_path, monkeypatch):
     d = str(tmp_path / "ck")
     _saved(d, 5)
-    size = ckpt.tag_bytes(os.path.join(d, "iter_0000005"))
+    size = tag_bytes(os.path.join(d, "iter_0000005"))
     assert size > 0
     assert run_folder.checkpoint_bytes(d, 10) == size and run_folder.checkpoint_bytes(d, 10 * size) == 10 * size
     monkeypatch.setenv("MEGATRON_LS_TEST_FREE_BYTES", str(size))  # less than size + 5%
@@ -145,14 +146,14 @@ def test_room_check_before_a_save(tmp_path, monkeypatch):
 
 def _save_fails_on_rank1(rank: int, world: int, d: str) -> None:
     ckpt.save_checkpoint(FakeEngine(1), d, 1, {}, {"model": {}, "run": {}})
-    with pytest.raises(TrainingError) as e:
+    with pytest.raises(CheckpointError) as e:
         ckpt.save_checkpoint(FakeEngine(2, fail_rank=1), d, 2, {}, {"model": {}, "run": {}}, expected_bytes=1 << 20)
     text = str(e.value)
     assert "saving checkpoint iter_0000002 into" in text and "no space left on device" in text, text
     assert "the previous checkpoint iter_0000001 and 'latest' are intact" in text, text
     dist.barrier()
     assert not os.path.exists(os.path.join(d, "iter_0000002.partial"))
-    assert ckpt.read_latest(d) == "iter_0000001"
+    assert files.read_latest(d) == "iter_0000001"
     ckpt.save_checkpoint(FakeEngine(3), d, 3, {}, {"model": {}, "run": {}})  # the ranks are still in step
 
 

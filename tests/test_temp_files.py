@@ -9,9 +9,9 @@ import sys
 import pytest
 from test_inference_cli import make_model_dir
 
-from megatron_ls.checkpoint_convert.cli import main as convert_main
+from megatron_ls.cli.convert_checkpoint import main as convert_main
+from megatron_ls.cli.evaluate import write_result
 from megatron_ls.cli.preprocess_data import main as preprocess_main
-from megatron_ls.inference.evaluate_cli import write_result
 from megatron_ls.temp_files import host_name, leftover_pid, sweep, temp_dir, temp_name
 
 LINE = "left by killed runs"

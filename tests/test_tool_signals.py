@@ -17,13 +17,13 @@ import time
 import pytest
 from test_inference_cli import ROOT, make_model_dir
 
-from megatron_ls.checkpoint_convert.cli import main as convert_main
-from megatron_ls.checkpoint_convert.write_training import _recover_old
+from megatron_ls.checkpoint.consolidated import load_consolidated
+from megatron_ls.checkpoint.writer import _recover_old
+from megatron_ls.cli import evaluate as evaluate_cli
+from megatron_ls.cli.convert_checkpoint import main as convert_main
 from megatron_ls.cli.preprocess_data import main as preprocess_main
+from megatron_ls.cli.runner import run_cli
 from megatron_ls.data.tokenizers import _train_here, train_sentencepiece
-from megatron_ls.inference import evaluate_cli
-from megatron_ls.inference.consolidated import load_consolidated
-from megatron_ls.inference.errors import run_cli
 from megatron_ls.tool_signals import TEST_SIGNAL_ENV, Terminated, sigterm_raises, uninterruptible
 
 TOOLS = os.path.join(ROOT, "tools")

@@ -102,8 +102,8 @@ def test_finetune_from_an_empty_save_folder_is_an_error(data, tmp_path):
 
 def test_other_tokenizer_is_refused(sources):
     """Same vocabulary size, other tokenizer: the ids would mean other symbols."""
-    from megatron_ls.inference.consolidated import read_config
-    from megatron_ls.training.errors import CheckpointError
+    from megatron_ls.checkpoint.consolidated import read_config
+    from megatron_ls.errors import CheckpointError
     from megatron_ls.training.finetune import read_source
 
     folder = sources["consolidated"]

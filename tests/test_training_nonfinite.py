@@ -109,8 +109,8 @@ def test_nan_forward_does_not_poison_the_memory(pp):
 
 def _train_with_nan_gradients(rank: int, world: int, data: str, save: str) -> None:
     """pretrain_char_lm's loop with every gradient poisoned after the forward: the loss stays finite."""
+    from megatron_ls.errors import TrainingError
     from megatron_ls.training import engine as engine_module
-    from megatron_ls.training.errors import TrainingError
     from megatron_ls.training.loop import train
 
     build = engine_module.build_engine

@@ -13,10 +13,11 @@ import pytest
 import torch
 from distributed import run_distributed
 
+from megatron_ls.checkpoint import files
+from megatron_ls.errors import CheckpointError, ConfigError
 from megatron_ls.training import checkpointing as ckpt
 from megatron_ls.training.arguments import finalize_args, parse_args
 from megatron_ls.training.ds_config import build_ds_config
-from megatron_ls.training.errors import CheckpointError, ConfigError
 from megatron_ls.training.logging import TrainingLogger, truncate_metrics
 from megatron_ls.training.schedules import scheduler_config, start_at_first_update
 from megatron_ls.training.signals import StopSignals
@@ -272,7 +273,7 @@ def test_save_load_prune_and_rng(tmp_path):
     for it in (2, 4, 6):
         ckpt.save_checkpoint(FakeEngine(it), d, it, {"data": {"step": it}, "rng": ckpt.rng_state()},
                              {"model": {}, "run": {}}, keep_last=2)
-    assert [t for _, t in ckpt.complete_tags(d)] == ["iter_0000004", "iter_0000006"]
+    assert [t for _, t in files.complete_tags(d)] == ["iter_0000004", "iter_0000006"]
     assert open(os.path.join(d, "latest")).read().strip() == "iter_0000006"
     path, info = ckpt.locate_checkpoint(d)
     assert info["iteration"] == 6
@@ -418,10 +419,10 @@ def test_help_shows_real_defaults_once():
 
 # ---- main(): what reaches the user when set-up is cut short ----------------------------------
 def test_main_sigterm_during_setup_and_lost_peer(monkeypatch, capsys):
-    from megatron_ls.training import loop
+    from megatron_ls.cli import pretrain
 
-    monkeypatch.setattr(loop, "train", lambda argv: os.kill(os.getpid(), signal.SIGTERM) or 0)
-    assert loop.main([]) == 143
+    monkeypatch.setattr(pretrain, "train", lambda argv: os.kill(os.getpid(), signal.SIGTERM) or 0)
+    assert pretrain.main([]) == 143
     assert "terminated (SIGTERM) outside the training loop" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
@@ -429,14 +430,14 @@ def test_main_sigterm_during_setup_and_lost_peer(monkeypatch, capsys):
         raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:40579: Connection reset by "
                            "peer. This is typically caused by a remote worker hanging\nmore")
 
-    monkeypatch.setattr(loop, "train", lost)
-    assert loop.main([]) == 1
+    monkeypatch.setattr(pretrain, "train", lost)
+    assert pretrain.main([]) == 1
     err = capsys.readouterr().err
     assert "another rank stopped or lost its connection" in err and "Traceback" not in err
 
     def bug(argv):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(loop, "train", bug)
+    monkeypatch.setattr(pretrain, "train", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # a real bug keeps its traceback
-        loop.main([])
+        pretrain.main([])

@@ -12,7 +12,7 @@ except ImportError:  # running from a checkout that was not pip-installed
 from megatron_ls.tool_signals import stopping_while_loading
 
 with stopping_while_loading("generate.py"):  # torch loads here: seconds
-    from megatron_ls.inference.generate_cli import main
+    from megatron_ls.cli.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

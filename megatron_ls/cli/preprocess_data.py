@@ -18,8 +18,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from megatron_ls.cli.runner import run_cli
 from megatron_ls.data.corpora import CORPORA, SPLIT_NAMES, download
-from megatron_ls.data.errors import DataError
 from megatron_ls.data.preprocess import (
     PreprocessResult,
     preprocess_corpus,
@@ -27,7 +27,6 @@ from megatron_ls.data.preprocess import (
     preprocess_text,
 )
 from megatron_ls.data.shards import meta_path, split_prefix
-from megatron_ls.tool_signals import Terminated, sigterm_raises, stop_line
 
 PROG = "preprocess_data"
 DEFAULT_PREFIX = os.path.join("data", "default", "pydoc")
@@ -162,24 +161,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(args, parser)
-    new_folders, done = _new_folders(args), False
-    try:
-        with sigterm_raises():  # SIGTERM unwinds like Ctrl-C: the cleanup of the scratch files runs
-            result = run(args)
-        done = True
-    except DataError as e:
-        parser.exit(1, f"{PROG}: error: {e}\n")
-    except OSError as e:  # disk full, permission denied while writing, ...
-        where = f": {e.filename}" if e.filename else ""
-        parser.exit(1, f"{PROG}: error: {e.strerror or e}{where}\n")
-    except (KeyboardInterrupt, Terminated) as e:
-        line, status = stop_line(PROG, e)
-        parser.exit(status, f"{line}{'' if getattr(e, 'published', False) else '; nothing was written'}\n")
-    finally:
-        if not done:  # a failed run leaves no empty output folder of its own making behind
-            _remove_empty(new_folders)
-    print(format_stats(result))
-    return 0
+    new_folders = _new_folders(args)
+    results: list[PreprocessResult] = []
+
+    def body() -> None:
+        done = False
+        try:
+            results.append(run(args))
+            done = True
+        finally:
+            if not done:  # a failed run leaves no empty output folder of its own making behind
+                _remove_empty(new_folders)
+
+    status = run_cli(body, PROG, error_prefix=f"{PROG}: error: ", stop_note="; nothing was written")
+    if status == 0:
+        print(format_stats(results[0]))
+    return status
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Data: Megatron's indexed .bin/.idx shards, tokenizers, corpora, and the stream (lane) dataset."""
 
+from megatron_ls.errors import DataError
+
 from .corpora import CORPORA, SPLIT_NAMES, CorpusSpec, split_bounds
 from .default_corpus import default_corpus_text, write_default_corpus
-from .errors import DataError, IndexedDatasetError
-from .indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder, best_dtype
+from .indexed_dataset import IndexedDatasetError, MMapIndexedDataset, MMapIndexedDatasetBuilder, best_dtype
 from .lanes import LaneDataset, load_split, split_micro_batches
 from .shards import meta_path, read_meta, split_prefix
 from .tokenizers import (

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .errors import DataError
+from megatron_ls.errors import DataError
 
 BLOCK_SIZE = 1 << 20  # zipfile inflates fastest in blocks of about 1 MiB
 

@@ -24,8 +24,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from megatron_ls.errors import DataError
+
 from ..temp_files import temp_name
-from .errors import IndexedDatasetError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -44,6 +45,10 @@ DTYPE_CODES: dict[int, type[np.generic]] = {
 _CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 # Sequence lengths are int32 on disk; longer runs of tokens are cut into several sequences.
 MAX_SEQUENCE_LENGTH = 2**31 - 1
+
+
+class IndexedDatasetError(DataError):
+    """A .bin/.idx pair that is missing, malformed or inconsistent."""
 
 
 def data_file_path(prefix: str) -> str:

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from megatron_ls.errors import DataError
+
 from .corpora import SPLIT_NAMES
-from .errors import DataError
 from .indexed_dataset import MMapIndexedDataset
 from .shards import meta_path, read_meta, split_prefix
 

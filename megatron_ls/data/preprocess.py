@@ -22,11 +22,11 @@ import numpy as np
 from tqdm import tqdm
 
 import megatron_ls
+from megatron_ls.errors import DataError
 
 from ..temp_files import temp_dir
 from .corpora import BLOCK_SIZE, CorpusSpec, InputFile, open_corpus, split_bounds
 from .default_corpus import default_corpus_source, write_default_corpus
-from .errors import DataError
 from .shards import ShardSet
 from .text_pieces import iter_text_pieces
 from .tokenizers import (

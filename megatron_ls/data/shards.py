@@ -14,10 +14,11 @@ import os
 
 import numpy as np
 
+from megatron_ls.errors import DataError
+
 from ..temp_files import sweep, temp_name
 from ..tool_signals import signal_hook, uninterruptible
 from .corpora import SPLIT_NAMES
-from .errors import DataError
 from .indexed_dataset import MMapIndexedDatasetBuilder, data_file_path, index_file_path
 
 META_FORMAT = "megatron-ls-shards-1"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .errors import DataError
+from megatron_ls.errors import DataError
 
 MAX_PIECE_CHARS = 1 << 14
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import DataError
+from megatron_ls.errors import DataError
 
 TEXT8_ALPHABET = " abcdefghijklmnopqrstuvwxyz"
 

@@ -8,17 +8,17 @@ from typing import Any
 
 import torch
 
-from megatron_ls.checkpoint_convert.read_training import TrainingCheckpoint
-from megatron_ls.inference.consolidated import build_model, is_consolidated, load_consolidated
-from megatron_ls.inference.errors import InferenceError
+from megatron_ls.checkpoint.consolidated import build_model, is_consolidated, load_consolidated
+from megatron_ls.checkpoint.reader import TrainingCheckpoint
+from megatron_ls.errors import InferenceError
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM
 
 
 def training_tokenizer(ckpt: TrainingCheckpoint):
     """The tokenizer named in a training checkpoint's run_state.json (sentencepiece paths resolve from the data)."""
-    from megatron_ls.data.errors import DataError
     from megatron_ls.data.tokenizers import build_tokenizer
+    from megatron_ls.errors import DataError
 
     if not ckpt.tokenizer:
         return None
@@ -58,14 +58,14 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
 def open_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                **config_overrides: Any) -> OpenedModel:
     """The model, its tokenizer and which checkpoint they were read from."""
-    from megatron_ls.inference.consolidated import read_provenance
+    from megatron_ls.checkpoint.consolidated import read_provenance
 
     device = resolve_device(device)
     if is_consolidated(path):
         model, tokenizer = load_consolidated(path, device, dtype, **config_overrides)
         check_tokenizer_fits(tokenizer, model.config, path)
         return OpenedModel(model, tokenizer, read_provenance(path))
-    from megatron_ls.checkpoint_convert.read_training import is_training_checkpoint, read_training_checkpoint
+    from megatron_ls.checkpoint.reader import is_training_checkpoint, read_training_checkpoint
 
     if not os.path.isdir(path):
         raise InferenceError(f"model folder {path} not found")

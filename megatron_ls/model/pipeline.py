@@ -12,8 +12,6 @@ model once (its TP shard of it), and each stage copies the parts it owns, so PP=
 
 from __future__ import annotations
 
-import re
-
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -215,28 +213,6 @@ class TransformerLSPipe(PipelineModule):
                                      "resume with the pipeline layout it was saved with")
                 for index, mem in by_layer.items():
                     layers[index].memory.setdefault(stream, {})[int(key)] = mem.to(device)
-
-
-_LAYER_NAME = re.compile(r"^(\d+)\.(.*)$")
-
-
-def pipe_to_lm_name(name: str, num_layers: int, tie_embeddings: bool = True) -> str:
-    """Name of a TransformerLSPipe parameter in TransformerLSLM's state dict."""
-    if name.startswith("tied_modules.embed."):
-        return name[len("tied_modules.embed."):]
-    match = _LAYER_NAME.match(name)
-    if match is None:
-        raise ValueError(f"not a TransformerLSPipe parameter name: {name!r}")
-    index, rest = int(match.group(1)), match.group(2)
-    if index == 0:
-        return rest
-    if index <= num_layers:
-        return f"layers.{index - 1}.{rest}"
-    if index == num_layers + 1:
-        return f"final_norm.{rest}"
-    if index == num_layers + 2 and not tie_embeddings:
-        return rest
-    raise ValueError(f"not a TransformerLSPipe parameter name: {name!r}")
 
 
 def build_topology(pp: int, tp: int, dp: int) -> PipeModelDataParallelTopology:

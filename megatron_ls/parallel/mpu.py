@@ -1,10 +1,6 @@
 """Process groups for tensor, pipeline and data parallelism (Megatron's `mpu`).
 
-Rank layout follows Megatron and DeepSpeed's PipeModelDataParallelTopology with axes
-(pipe, data, model): the tensor-parallel rank varies fastest, so TP groups are contiguous
-ranks (they share a node), then data-parallel, then pipeline stage:
-
-    global_rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+The groups are those of a ParallelLayout (parallel/layout.py: degrees, rank order, the rules).
 
 The getters named `get_model_parallel_*` are the ones DeepSpeed calls on an `mpu` object;
 in this project "model parallel" means tensor parallel, as in Megatron-DeepSpeed.
@@ -18,9 +14,9 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from megatron_ls.errors import ParallelConfigError
 
-class ParallelConfigError(ValueError):
-    """A parallel layout that cannot work (raised identically on every rank)."""
+from .layout import ParallelLayout
 
 
 @dataclass
@@ -32,64 +28,46 @@ class _State:
     pp_group: object = None
     dp_group: object = None
     pp_ranks: tuple = ()  # global ranks of this rank's pipeline, first stage first
+    layout: ParallelLayout | None = None
     initialized: bool = False
 
 
 _STATE = _State()
 
 
-def check_parallel_sizes(world_size: int, tp: int, pp: int) -> int:
-    """Validate a layout before any group is built; returns the data-parallel size."""
-    if tp < 1 or pp < 1:
-        raise ParallelConfigError(f"tensor-model-parallel-size ({tp}) and pipeline-model-parallel-size ({pp}) "
-                                  "must be >= 1")
-    if world_size % (tp * pp) != 0:
-        raise ParallelConfigError(
-            f"world size {world_size} is not divisible by tensor-model-parallel-size ({tp}) x "
-            f"pipeline-model-parallel-size ({pp}) = {tp * pp}")
-    return world_size // (tp * pp)
-
-
-def rank_coordinates(rank: int, tp: int, dp: int) -> tuple[int, int, int]:
-    """(pp_rank, dp_rank, tp_rank) of a global rank."""
-    return rank // (dp * tp), (rank // tp) % dp, rank % tp
-
-
-def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1) -> None:
-    """Build every group. Must be called on all ranks after torch.distributed is initialised."""
+def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                              layout: ParallelLayout | None = None) -> None:
+    """Build every group of ``layout`` (or of one with these degrees). Must be called on all ranks after
+    torch.distributed is initialised."""
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel needs torch.distributed to be initialised first")
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     world, rank = dist.get_world_size(), dist.get_rank()
-    dp = check_parallel_sizes(world, tp, pp)
-    state = _State(tp=tp, pp=pp, dp=dp)
-    my_pp, my_dp, my_tp = rank_coordinates(rank, tp, dp)
-
-    def rank_of(p: int, d: int, t: int) -> int:
-        return p * dp * tp + d * tp + t
-
+    if layout is None:
+        layout = ParallelLayout(world, tensor_model_parallel_size, pipeline_model_parallel_size)
+    elif layout.world_size != world:
+        raise ParallelConfigError(f"the layout is for {layout.world_size} ranks, torch.distributed has {world}")
+    state = _State(tp=layout.tp, pp=layout.pp, dp=layout.dp, layout=layout)
     # new_group must be called by every rank for every group, in the same order.
-    for p in range(pp):
-        for d in range(dp):
-            ranks = [rank_of(p, d, t) for t in range(tp)]
-            group = dist.new_group(ranks)
-            if (p, d) == (my_pp, my_dp):
-                state.tp_group = group
-    for p in range(pp):
-        for t in range(tp):
-            ranks = [rank_of(p, d, t) for d in range(dp)]
-            group = dist.new_group(ranks)
-            if (p, t) == (my_pp, my_tp):
-                state.dp_group = group
-    for d in range(dp):
-        for t in range(tp):
-            ranks = [rank_of(p, d, t) for p in range(pp)]
-            group = dist.new_group(ranks)
-            if (d, t) == (my_dp, my_tp):
-                state.pp_group, state.pp_ranks = group, tuple(ranks)
+    for ranks in layout.tp_groups():
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            state.tp_group = group
+    for ranks in layout.dp_groups():
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            state.dp_group = group
+    for ranks in layout.pp_groups():
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            state.pp_group, state.pp_ranks = group, tuple(ranks)
     state.initialized = True
     global _STATE
     _STATE = state
+
+
+def get_layout() -> ParallelLayout:
+    """The layout the groups were built from (one process when nothing is initialised)."""
+    return _STATE.layout if _STATE.layout is not None else ParallelLayout(1)
 
 
 def destroy_model_parallel() -> None:

@@ -10,13 +10,15 @@ on every rank at once instead of leaving some ranks waiting for the others.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
 import sys
 from typing import NoReturn
 
-from .errors import ConfigError
+from megatron_ls.errors import ConfigError
+from megatron_ls.parallel.layout import ParallelLayout
 
 # Model flags: argparse dest -> TransformerLSConfig field (identical names).
 MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "attention_type",
@@ -248,18 +250,11 @@ def finalize_args(args: argparse.Namespace, world_size: int | None = None) -> ar
         args.checkpoint_activations = True
     args.recompute_attention = args.recompute_granularity == "selective"
 
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
-        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-    if world_size % (tp * pp) != 0:
-        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
-                          f"--pipeline-model-parallel-size ({pp})")
-    if model["num_attention_heads"] % tp != 0:
-        raise ConfigError(f"--tensor-model-parallel-size ({tp}) must divide --num-attention-heads "
-                          f"({model['num_attention_heads']})")
-    if pp > model["num_layers"]:
-        raise ConfigError(f"--pipeline-model-parallel-size ({pp}) exceeds --num-layers ({model['num_layers']})")
-    args.data_parallel_size = world_size // (tp * pp)
+    # The layout's degrees and rules (the ZeRO stage joins once the DeepSpeed JSON is read: finalize_run_args).
+    args.layout = ParallelLayout.build(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                       num_attention_heads=model["num_attention_heads"],
+                                       ffn_hidden_size=model["ffn_hidden_size"], num_layers=model["num_layers"])
+    args.data_parallel_size = args.layout.dp
 
     if args.device_memory_gib is not None and args.device_memory_gib <= 0:
         raise ConfigError(f"--device-memory-gib must be > 0, got {args.device_memory_gib}")
@@ -321,9 +316,7 @@ def finalize_run_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError(f"bf16 (--bf16, or bf16.enabled in --deepspeed_config) needs a GPU of compute capability "
                           f">= 8.0; this one is sm_{capability[0]}{capability[1]} (a V100 is sm_70: no bf16): use "
                           "--fp16")
-    if args.pipeline_model_parallel_size > 1 and args.zero_stage > 1:
-        raise ConfigError(f"--zero-stage {args.zero_stage} cannot be used with pipeline parallelism "
-                          "(DeepSpeed's pipeline engine supports ZeRO stage 0 or 1)")
+    args.layout = dataclasses.replace(args.layout, zero_stage=args.zero_stage)  # checks ZeRO x pipelines
     return args
 
 

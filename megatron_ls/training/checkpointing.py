@@ -1,17 +1,10 @@
-"""Checkpoints: DeepSpeed's save/load plus the run's own state, written atomically.
+"""Checkpoints of a training run: DeepSpeed's save/load plus the run's own state, as one collective.
 
-Layout of SAVE/:
-    latest                       the tag of the newest complete checkpoint (written last)
-    iter_0001000/                DeepSpeed's files (mp_rank_*, zero_*...) and ours:
-        run_state_rank00000.pt   per rank: iteration, lane position, memory cache, RNG states
-        run_state.json           iteration, arguments, model config, parallel layout
-        manifest.json            every file of the tag with its size and CRC-32 (written last)
-    iter_0001000.partial/        a save in progress (or one a crash interrupted: never loaded)
-
-A save writes everything into TAG.partial, then rank 0 writes the manifest, renames the folder
-to TAG and only then replaces `latest`. A crash at any point leaves `latest` naming the previous
-complete checkpoint. Loading checks the manifest (sizes and CRCs, shared out over the ranks)
-before DeepSpeed reads a byte, so a damaged checkpoint is one clear error on every rank.
+The files and their names are megatron_ls.checkpoint's (files.py, manifest.py). A save writes everything into
+TAG.partial, then rank 0 writes the manifest, renames the folder to TAG and only then replaces `latest`. A crash
+at any point leaves `latest` naming the previous complete checkpoint. Loading checks the manifest (sizes and
+CRCs, shared out over the ranks) before DeepSpeed reads a byte, so a damaged checkpoint is one clear error on
+every rank.
 """
 
 from __future__ import annotations
@@ -20,34 +13,37 @@ import errno
 import json
 import os
 import random
-import re
 import shutil
 import signal
-import zlib
 from typing import Any
 
 import numpy as np
 import torch
 
+from megatron_ls.checkpoint.files import (
+    LATEST,
+    MANIFEST,
+    PARTIAL,
+    RUN_INFO,
+    TAG_RE,
+    complete_tags,
+    find_tag,
+    fsync_tree,
+    publish_tag,
+    read_latest,
+    run_state_file,
+    tag_name,
+    write_json,
+    write_latest,
+)
+from megatron_ls.checkpoint.manifest import read_manifest, verify_files, write_manifest
+from megatron_ls.errors import CheckpointError, UserError
+
 from .collectives import agree, barrier, is_distributed
 from .disk_space import human_bytes, statvfs_free
-from .errors import CheckpointError, TrainingError
 
-LATEST = "latest"
-MANIFEST = "manifest.json"
-RUN_INFO = "run_state.json"
-PARTIAL = ".partial"
-_TAG_RE = re.compile(r"^iter_(\d{7,})$")
 # Test hook only: SIGKILL this process in the middle of the save of that iteration.
 CRASH_ENV = "MEGATRON_LS_TEST_CRASH_IN_SAVE"
-
-
-def tag_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-def run_state_file(rank: int) -> str:
-    return f"run_state_rank{rank:05d}.pt"
 
 
 def _rank() -> int:
@@ -80,97 +76,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     get_rng_tracker().set_states(state["tracker"])
 
 
-# ---- files ----------------------------------------------------------------------------------
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _crc32(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(root: str) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(dirpath)
-
-
-def _list_files(root: str) -> list[str]:
-    out = []
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            out.append(os.path.relpath(os.path.join(dirpath, name), root))
-    return sorted(out)
-
-
-def write_manifest(tag_dir: str, iteration: int, tag: str, world_size: int) -> None:
-    """Record every file of a finished tag with its size and CRC-32 (the last file of a tag)."""
-    files = {p: {"bytes": os.path.getsize(os.path.join(tag_dir, p)), "crc32": _crc32(os.path.join(tag_dir, p))}
-             for p in _list_files(tag_dir)}
-    _write_json(os.path.join(tag_dir, MANIFEST),
-                {"iteration": iteration, "tag": tag, "world_size": world_size, "files": files})
-
-
-def publish_tag(partial: str, final: str) -> None:
-    """Rename a finished TAG.partial folder to TAG, replacing an older TAG of the same name (a re-save)."""
-    if os.path.exists(final):
-        old = final + f".old{os.getpid()}"
-        os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, final)
-    _fsync_dir(os.path.dirname(os.path.abspath(final)))
-
-
-def write_latest(save_dir: str, tag: str) -> None:
-    """Point `latest` at a complete tag, atomically (written after the tag itself)."""
-    latest_tmp = os.path.join(save_dir, f"{LATEST}.tmp{os.getpid()}")
-    with open(latest_tmp, "w") as f:
-        f.write(tag + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(latest_tmp, os.path.join(save_dir, LATEST))
-    _fsync_dir(save_dir)
-
-
-def complete_tags(save_dir: str) -> list[tuple[int, str]]:
-    """(iteration, tag) of the complete checkpoint folders, oldest first."""
-    if not os.path.isdir(save_dir):
-        return []
-    found = []
-    for name in os.listdir(save_dir):
-        m = _TAG_RE.match(name)
-        if m and os.path.isfile(os.path.join(save_dir, name, MANIFEST)):
-            found.append((int(m.group(1)), name))
-    return sorted(found)
-
-
 def _maybe_crash(iteration: int) -> None:
     if os.environ.get(CRASH_ENV) == str(iteration):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -191,7 +96,7 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, local_state: dic
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
         for name in os.listdir(save_dir):  # left by a save that a crash interrupted
-            if name.endswith(PARTIAL) and _TAG_RE.match(name[: -len(PARTIAL)]):
+            if name.endswith(PARTIAL) and TAG_RE.match(name[: -len(PARTIAL)]):
                 shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
     barrier()
     failure = ""
@@ -215,8 +120,8 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, local_state: dic
     published = False
     if rank == 0:
         try:
-            _write_json(os.path.join(partial, RUN_INFO), dict(run_info, iteration=iteration, world_size=_world()))
-            _fsync_tree(partial)
+            write_json(os.path.join(partial, RUN_INFO), dict(run_info, iteration=iteration, world_size=_world()))
+            fsync_tree(partial)
             write_manifest(partial, iteration, tag, _world())
             publish_tag(partial, final)
             published = True
@@ -252,7 +157,7 @@ def _agree_saved(failure: str, save_dir: str, partial: str | None, tag: str, exp
 
     try:
         agree(check, "saving the checkpoint")
-    except TrainingError as e:
+    except UserError as e:
         reason = failure or str(e)
         if _rank() == 0 and partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
@@ -271,102 +176,11 @@ def _agree_saved(failure: str, save_dir: str, partial: str | None, tag: str, exp
 
 
 # ---- load -----------------------------------------------------------------------------------
-def has_checkpoint(load_dir: str) -> bool:
-    """A `latest` file, or a complete checkpoint folder (`latest` may have been deleted)."""
-    return os.path.isfile(os.path.join(load_dir, LATEST)) or bool(complete_tags(load_dir))
-
-
-def read_latest(folder: str) -> str | None:
-    """The tag `latest` names, or None when it is missing or damaged (never raises)."""
-    try:
-        with open(os.path.join(folder, LATEST), "rb") as f:
-            tag = f.read(4096).decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return tag or None
-
-
-def describe_latest(folder: str) -> str:
-    return read_latest(folder) or f"'{LATEST}' unreadable"
-
-
-def find_tag(load_dir: str) -> tuple[str, str]:
-    """(tag, note) of the checkpoint to read from a --save folder: the one `latest` names; without `latest`
-    (deleted), the newest complete one, with a note that says so. CheckpointError when there is none or
-    `latest` is damaged (not guessed over: it may name an older checkpoint on purpose)."""
-    if not os.path.isdir(load_dir):
-        raise CheckpointError(f"--load {load_dir}: checkpoint directory not found")
-    latest = os.path.join(load_dir, LATEST)
-    tags = complete_tags(load_dir)
-    if not os.path.isfile(latest):
-        if not tags:
-            raise CheckpointError(f"--load {load_dir}: no checkpoint there (no '{LATEST}' file naming one)")
-        return tags[-1][1], f"no '{LATEST}' file in {load_dir}: reading its newest complete checkpoint {tags[-1][1]}"
-    newest = f", {tags[-1][1]}" if tags else ""
-    try:
-        with open(latest, "rb") as f:
-            tag = f.read(4096).decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{latest} is damaged (not text): delete it to read the newest complete "
-                              f"checkpoint{newest}") from None
-    if not tag or "/" in tag:
-        raise CheckpointError(f"{latest}: does not name a checkpoint (content {tag!r})")
-    if not os.path.isdir(os.path.join(load_dir, tag)):
-        raise CheckpointError(f"{latest} names {tag!r} but {os.path.join(load_dir, tag)} does not exist")
-    return tag, ""
-
-
 def _read_tag(load_dir: str) -> str:
     tag, note = find_tag(load_dir)
     if note and _rank() == 0:
         print(note, flush=True)
     return tag
-
-
-def manifest_crc32(path: str) -> str:
-    """The CRC-32 of a checkpoint folder's manifest (which holds every file's CRC): names that exact checkpoint."""
-    try:
-        return f"{_crc32(os.path.join(path, MANIFEST)):08x}"
-    except OSError:
-        return ""
-
-
-def tag_bytes(path: str) -> int:
-    """The bytes of a complete checkpoint folder, from its manifest (0 when unreadable)."""
-    try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            return sum(int(v["bytes"]) for v in json.load(f)["files"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return 0
-
-
-def _read_manifest(path: str) -> dict[str, Any]:
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.isfile(mpath):
-        raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST} (a checkpoint that another tool "
-                              "wrote can start a run with --finetune, which reads its weights only)")
-    try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-        assert isinstance(files, dict)
-    except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} is not a valid manifest") from None
-    return manifest
-
-
-def _verify_files(path: str, files: dict[str, dict], rank: int, world: int) -> None:
-    """This rank's share of the files: exists, has the recorded size and CRC-32."""
-    for i, name in enumerate(sorted(files)):
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        size = os.path.getsize(full)
-        if size != files[name]["bytes"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {size:,} bytes, "
-                                  f"the manifest says {files[name]['bytes']:,}")
-        if i % world == rank and _crc32(full) != files[name]["crc32"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} fails its CRC-32 check")
 
 
 def locate_checkpoint(load_dir: str, weights_only: bool = False) -> tuple[str, dict[str, Any]]:
@@ -382,8 +196,8 @@ def locate_checkpoint(load_dir: str, weights_only: bool = False) -> tuple[str, d
         path = os.path.join(load_dir, tag)
         if weights_only and not os.path.exists(os.path.join(path, MANIFEST)):
             return path, {}
-        manifest = _read_manifest(path)
-        _verify_files(path, manifest["files"], rank, world)
+        manifest = read_manifest(path)
+        verify_files(path, manifest["files"], rank, world)
         try:
             with open(os.path.join(path, RUN_INFO)) as f:
                 info = json.load(f)
@@ -400,7 +214,7 @@ def agree_on_checkpoint(fn: Any, what: str) -> Any:
         return agree(fn, what)
     except CheckpointError:
         raise
-    except TrainingError as e:
+    except UserError as e:
         raise CheckpointError(str(e)) from None
 
 
@@ -426,7 +240,7 @@ def load_engine_state(engine: Any, path: str, finetune: bool) -> None:
         try:
             result = engine.load_checkpoint(load_dir, tag, load_optimizer_states=not finetune,
                                             load_module_only=finetune)
-        except TrainingError:
+        except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - DeepSpeed raises many kinds; the message is what matters
             raise CheckpointError(f"DeepSpeed could not load {path}: {type(e).__name__}: {e}") from None

@@ -8,7 +8,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import TrainingError
+from megatron_ls.errors import UserError, by_name
 
 T = TypeVar("T")
 
@@ -60,26 +60,26 @@ def shutdown() -> None:
 
 
 def agree(fn: Callable[[], T], what: str) -> T:
-    """Run ``fn`` on every rank; if it raises a TrainingError on any, raise one on all.
+    """Run ``fn`` on every rank; if it raises a UserError on any, raise the same kind on all.
 
     For local work between collectives (reading this rank's files): a rank that fails alone
     would otherwise leave the others blocked in the next collective.
     """
     result: T | None = None
-    message = ""
+    failure: tuple[str, str] | None = None
     try:
         result = fn()
-    except TrainingError as e:
-        message = str(e)
+    except UserError as e:
+        if not is_distributed():
+            raise
+        failure = (type(e).__name__, str(e))
     if not is_distributed():
-        if message:
-            raise TrainingError(message)
         return result  # type: ignore[return-value]
-    messages: list[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(messages, message)
-    failed = [(r, m) for r, m in enumerate(messages) if m]
+    failures: list[tuple[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    failed = [(r, f) for r, f in enumerate(failures) if f]
     if failed:
-        rank, first = failed[0]
-        mine = message or f"{what} failed on rank {rank}: {first}"
-        raise TrainingError(mine)
+        rank, (kind, first) = failed[0]
+        kind, mine = failure or (kind, f"{what} failed on rank {rank}: {first}")
+        raise by_name(kind)(mine)
     return result  # type: ignore[return-value]

@@ -15,26 +15,29 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_ls.errors import ParallelConfigError
 from megatron_ls.parallel import mpu
-from megatron_ls.parallel.mpu import ParallelConfigError, check_parallel_sizes
+from megatron_ls.parallel.layout import ParallelLayout
 from megatron_ls.training.op_build_guard import load_shm_op_guarded
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where this process sits: sizes and coordinates of the tensor / pipeline / data axes."""
+    """Where this process sits: the run's ParallelLayout, its coordinates in it, its device."""
 
-    tp: int
-    pp: int
-    dp: int
-    world_size: int
+    parallel: ParallelLayout
     rank: int
     local_rank: int
-    tp_rank: int
-    pp_rank: int
-    dp_rank: int
     device: torch.device
     backend: str
+
+    tp = property(lambda self: self.parallel.tp)
+    pp = property(lambda self: self.parallel.pp)
+    dp = property(lambda self: self.parallel.dp)
+    world_size = property(lambda self: self.parallel.world_size)
+    tp_rank = property(lambda self: self.parallel.coordinates(self.rank).tp_rank)
+    pp_rank = property(lambda self: self.parallel.coordinates(self.rank).pp_rank)
+    dp_rank = property(lambda self: self.parallel.coordinates(self.rank).dp_rank)
 
     @property
     def is_last_stage(self) -> bool:
@@ -61,26 +64,11 @@ def world_from_env() -> tuple[int, int, int]:
     return world, rank, local
 
 
-def validate_layout(world_size: int, tp: int, pp: int, config=None) -> int:
-    """All layout checks in one place (no communication); returns the data-parallel size.
-
-    `config` is a TransformerLSConfig; with it the model-dependent rules are checked too.
-    """
-    dp = check_parallel_sizes(world_size, tp, pp)
-    if config is None:
-        return dp
-    problems = []
-    if config.num_attention_heads % tp:
-        problems.append(f"tensor-model-parallel-size ({tp}) must divide num-attention-heads "
-                        f"({config.num_attention_heads}): tensor parallelism splits heads")
-    if config.ffn_hidden_size % tp:
-        problems.append(f"tensor-model-parallel-size ({tp}) must divide ffn-hidden-size ({config.ffn_hidden_size})")
-    if pp > config.num_layers:
-        problems.append(f"pipeline-model-parallel-size ({pp}) must not exceed num-layers ({config.num_layers}): "
-                        "every pipeline stage needs at least one transformer layer")
-    if problems:
-        raise ParallelConfigError("; ".join(problems))
-    return dp
+def layout_for(world_size: int, tp: int = 1, pp: int = 1, config=None, zero_stage: int = 0) -> ParallelLayout:
+    """ParallelLayout.build with the model's sizes (``config``: a TransformerLSConfig) when there is one."""
+    sizes = {} if config is None else {"num_attention_heads": config.num_attention_heads,
+                                       "ffn_hidden_size": config.ffn_hidden_size, "num_layers": config.num_layers}
+    return ParallelLayout.build(world_size, tp, pp, zero_stage, **sizes)
 
 
 def _use_cuda() -> bool:
@@ -113,13 +101,18 @@ def _unlink_deepspeed_shm(rank: int) -> None:
         pass  # already gone or not ours: nothing to clean
 
 
-def init_distributed(tp: int = 1, pp: int = 1, config=None, timeout_s: float | None = None) -> Layout:
-    """Validate the layout, start torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA), build the groups.
+def init_distributed(tp: int = 1, pp: int = 1, config=None, timeout_s: float | None = None,
+                     layout: ParallelLayout | None = None) -> Layout:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA) and build the groups of ``layout``
+    (the run's, validated once by the arguments) or of one built here from the degrees and ``config``.
 
     Safe to call when the process group already exists (torchrun users, tests): it is reused.
     """
     world, rank, local = world_from_env()
-    dp = validate_layout(world, tp, pp, config)  # before any collective: same verdict on every rank
+    if layout is None:  # before any collective: the same verdict on every rank
+        layout = layout_for(world, tp, pp, config)
+    elif layout.world_size != world:
+        raise ParallelConfigError(f"the layout is for {layout.world_size} ranks, the launcher started {world}")
 
     import deepspeed
 
@@ -140,8 +133,6 @@ def init_distributed(tp: int = 1, pp: int = 1, config=None, timeout_s: float | N
     _unlink_deepspeed_shm(rank)
 
     mpu.destroy_model_parallel()
-    mpu.initialize_model_parallel(tp, pp)
-    return Layout(tp=tp, pp=pp, dp=dp, world_size=world, rank=dist.get_rank(), local_rank=local,
-                  tp_rank=mpu.get_tensor_model_parallel_rank(), pp_rank=mpu.get_pipeline_model_parallel_rank(),
-                  dp_rank=mpu.get_data_parallel_rank(),
-                  device=torch.device("cuda", local) if _use_cuda() else torch.device("cpu"), backend=backend)
+    mpu.initialize_model_parallel(layout=layout)
+    return Layout(layout, rank=dist.get_rank(), local_rank=local, backend=backend,
+                  device=torch.device("cuda", local) if _use_cuda() else torch.device("cpu"))

@@ -14,8 +14,9 @@ import math
 import os
 from typing import Any
 
+from megatron_ls.errors import ConfigError
+
 from .arguments import finalize_run_args
-from .errors import ConfigError
 from .schedules import SCHEDULER_TYPES, check_cosine_ratio, scheduler_config, scheduler_flags
 
 # (flag dest, path in the JSON). The optimizer and precision entries are read only when present.

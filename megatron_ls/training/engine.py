@@ -19,15 +19,16 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from megatron_ls.errors import ParallelConfigError
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM, pad_to_chunks
 from megatron_ls.model.long_short_attention import set_selective_recompute
 from megatron_ls.parallel import mpu
 from megatron_ls.parallel.checkpointing import configure_activation_checkpointing
-from megatron_ls.parallel.mpu import ParallelConfigError
+from megatron_ls.parallel.layout import ParallelLayout
 from megatron_ls.parallel.random import model_parallel_seed
 from megatron_ls.training.checkpointing import agree_on_checkpoint
-from megatron_ls.training.distributed import Layout, validate_layout
+from megatron_ls.training.distributed import Layout
 from megatron_ls.training.finetune import copy_weights
 from megatron_ls.training.schedules import start_at_first_update
 
@@ -38,11 +39,7 @@ Memory = list[torch.Tensor]
 def check_ds_config(ds_config: dict[str, Any], layout: Layout) -> tuple[int, int]:
     """Layout rules DeepSpeed would enforce later (or not at all); returns (micro batch, accumulation steps)."""
     stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
-    allowed = (0, 1, 2, 3) if layout.pp == 1 else (0, 1)
-    if stage not in allowed:
-        why = " (DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only)" if layout.pp > 1 else ""
-        raise ParallelConfigError(f"ZeRO stage {stage} is not possible with pipeline-model-parallel-size "
-                                  f"{layout.pp}{why}")
+    ParallelLayout(layout.world_size, layout.tp, layout.pp, stage)  # the layout's own rules, with this stage
     micro = ds_config.get("train_micro_batch_size_per_gpu")
     if not isinstance(micro, int) or micro < 1:
         raise ParallelConfigError("the DeepSpeed config must set train_micro_batch_size_per_gpu (a positive integer)")
@@ -403,7 +400,6 @@ def build_engine(config: TransformerLSConfig, ds_config: dict[str, Any], layout:
     `initial_weights` (TP=1 TransformerLSLM names, from training/finetune.py) replace the random initialisation.
     `recompute_attention`: selective recomputation of each long-short core (model/long_short_attention.py).
     """
-    validate_layout(layout.world_size, layout.tp, layout.pp, config)
     micro, gas = check_ds_config(ds_config, layout)
     ds_config = dict(ds_config)
     ds_config.setdefault("gradient_accumulation_steps", gas)

@@ -19,11 +19,10 @@ from typing import Any
 import torch
 
 from megatron_ls.data.tokenizers import tokenizer_mismatch
-from megatron_ls.inference.errors import InferenceError
+from megatron_ls.errors import CheckpointError
 from megatron_ls.model.config import TransformerLSConfig
 
 from . import checkpointing as ckpt
-from .errors import CheckpointError
 
 
 @dataclass
@@ -37,35 +36,28 @@ def read_source(load: str, config: TransformerLSConfig, run: dict[str, Any],
                 tokenizer: dict[str, Any] | None = None) -> FinetuneSource:
     """Collective. Locate, verify and read --load for --finetune; architecture checked against this run's, and
     its tokenizer against `tokenizer` (this run's shards'): same ids must mean the same symbols."""
-    from megatron_ls.inference.consolidated import is_consolidated
+    from megatron_ls.checkpoint.consolidated import is_consolidated
 
     if is_consolidated(load):
-        path, info = load, None
+        path, info = load, {}
     else:
         path, info = ckpt.locate_checkpoint(load, weights_only=True)  # sizes and CRCs checked by all ranks
-        if not info:
+        if not info:  # another tool's DeepSpeed checkpoint: no model description to read it by
             return FinetuneSource(path, None)
 
     def read() -> FinetuneSource:
+        from megatron_ls.checkpoint.source import read_weights
+
         try:
-            if info is None:
-                from megatron_ls.inference.consolidated import load_consolidated_state, read_tokenizer_description
-
-                state, saved = load_consolidated_state(path)
-                source = FinetuneSource(path, state, {"model": saved.to_dict(),
-                                                      "tokenizer": read_tokenizer_description(path)})
-            else:
-                from megatron_ls.checkpoint_convert.read_training import read_training_checkpoint
-
-                source = FinetuneSource(path, read_training_checkpoint(path)[1], info)
-        except InferenceError as e:
+            weights = read_weights(path)
+        except CheckpointError as e:
             raise CheckpointError(f"--finetune --load {load}: {e}") from None
+        source = FinetuneSource(path, weights.state, weights.info)
         ckpt.check_compatible(source.info, config.to_dict(), run, True, path)
         differ = tokenizer_mismatch(source.info.get("tokenizer"), tokenizer)
         if differ:
             raise CheckpointError(f"--finetune --load {load}: its tokenizer is not this data's ({differ}); the "
                                   "weights would read other symbols")
-        source.weights = {k: v.float() if v.is_floating_point() else v for k, v in source.weights.items()}
         return source
 
     return ckpt.agree_on_checkpoint(read, "reading the --finetune weights")
@@ -74,11 +66,11 @@ def read_source(load: str, config: TransformerLSConfig, run: dict[str, Any],
 def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], config: TransformerLSConfig, tp: int,
                  tp_rank: int, pipelined: bool) -> None:
     """Copy this TP rank's slice of TP=1 weights into `model` (TransformerLSLM, or this stage's TransformerLSPipe)."""
-    from megatron_ls.checkpoint_convert.tp_shards import tp_shard
+    from megatron_ls.checkpoint.tp_shards import tp_shard
 
     shard = tp_shard(weights, config, tp, tp_rank)
     if pipelined:
-        from megatron_ls.model.pipeline import pipe_to_lm_name
+        from megatron_ls.checkpoint.param_names import pipe_to_lm_name
     with torch.no_grad():
         for name, param in model.named_parameters():
             key = pipe_to_lm_name(name, config.num_layers, config.tie_embeddings) if pipelined else name

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -162,12 +161,3 @@ class TrainingLogger:
 def print_rank0(message: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(message, flush=True)
-
-
-def error_line(message: str) -> None:
-    """The one line a failing rank prints (every rank prints it: whichever the launcher shows)."""
-    rank = os.environ.get("RANK")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = f"[rank {rank}] " if rank is not None and world > 1 else ""
-    sys.stderr.write(f"{prefix}pretrain_char_lm.py: error: {message}\n")
-    sys.stderr.flush()

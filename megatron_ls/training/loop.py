@@ -1,4 +1,4 @@
-"""pretrain_char_lm.py's body: set up (training/startup.py), train, evaluate, save.
+"""The training run: set up (training/startup.py), train, evaluate, save (the entry point is cli/pretrain.py).
 
 Order matters for failing cleanly: everything that reads only the arguments and the shard files
 (identical on every rank) is checked before torch.distributed starts, so a bad input stops every
@@ -14,19 +14,17 @@ import os
 import time
 from typing import Any
 
-from megatron_ls.data import DataError, LaneDataset
-from megatron_ls.parallel.mpu import ParallelConfigError
-from megatron_ls.tool_signals import Terminated, sigterm_raises
+from megatron_ls.checkpoint.files import tag_name
+from megatron_ls.data import LaneDataset
+from megatron_ls.errors import TrainingError
 
 from . import checkpointing as ckpt
 from .arguments import finalize_args, parse_args
-from .collectives import agree, barrier, shutdown
+from .collectives import agree, barrier
 from .ds_config import build_ds_config, write_ds_config
-from .errors import TrainingError
 from .evaluation import evaluate
 from .finetune import read_source
-from .launcher_watch import LauncherWatch
-from .logging import TrainingLogger, error_line, print_rank0
+from .logging import TrainingLogger, print_rank0
 from .memory_check import check_memory
 from .run_folder import check_room, hold_run_folder, state_bytes
 from .schedule_resume import apply_schedule, resolve_schedule, schedule_of_config
@@ -41,47 +39,6 @@ from .startup import (
     should_resume,
     start_state,
 )
-
-USER_ERRORS = (TrainingError, DataError, ParallelConfigError)
-
-
-def _peer_lost(e: BaseException) -> bool:
-    """A collective failed because another rank went away (gloo: "Connection reset by peer"; NCCL: DistError)."""
-    import torch.distributed as dist
-
-    text = str(e)
-    return isinstance(e, getattr(dist, "DistError", RuntimeError)) or (isinstance(e, RuntimeError) and (
-        "Connection reset by peer" in text or "Connection closed by peer" in text or "gloo" in text.lower()))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done (or stopped by a signal after saving), 1 a user-fixable error or a lost rank,
-    130 Ctrl-C, 143 SIGTERM outside the training loop (whose own handler saves first)."""
-    try:
-        # The training loop's StopSignals takes SIGTERM over while it runs; the launcher watch turns the death of
-        # a launcher (the `deepspeed` command killed alone) into a SIGTERM to this rank.
-        with sigterm_raises(), LauncherWatch():
-            return train(argv)
-    except USER_ERRORS as e:
-        error_line(str(e))
-        return 1
-    except KeyboardInterrupt:
-        error_line("interrupted")
-        return 130
-    except Terminated:
-        error_line("terminated (SIGTERM) outside the training loop: nothing was saved")
-        return 143
-    except OSError as e:  # a write outside the checkpoint code (metrics.jsonl, TensorBoard) on a full disk, ...
-        error_line(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
-        return 1
-    except RuntimeError as e:
-        if not _peer_lost(e):
-            raise
-        error_line("a collective failed: another rank stopped or lost its connection (see that rank's log); "
-                   f"{str(e).splitlines()[0][:300]}")
-        return 1
-    finally:
-        shutdown()
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -110,7 +67,7 @@ def _train(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     _quiet_deepspeed()
     if on_cpu:
         _share_cpu_cores()
-    layout = init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, config)
+    layout = init_distributed(layout=args.layout)
     held.enter_context(hold_run_folder(args.save, continues_in_place(args)))  # before anything is written
     # Agreed across ranks: free RAM (the CPU default) is read per rank and could tip one rank alone.
     estimate, device_bytes = agree(lambda: check_memory(args, config, ds_config, layout.device.type,
@@ -227,7 +184,7 @@ def _train(argv: list[str] | None, held: contextlib.ExitStack) -> int:
 
     if stop_reason:
         logger.print(f"{stop_reason}: stopped at iteration {iteration}"
-                     + (f" after saving {ckpt.tag_name(iteration)}" if args.save else " (no --save: nothing saved)"))
+                     + (f" after saving {tag_name(iteration)}" if args.save else " (no --save: nothing saved)"))
     else:
         logger.print(f"training done: {iteration} iterations in {time.monotonic() - logger.start_time:.1f} s")
     logger.close()
@@ -247,7 +204,7 @@ def _banner(logger: TrainingLogger, args: argparse.Namespace, config: Any, engin
         f"Transformer-LS: {config.num_layers} layers, width {config.hidden_size}, {config.num_attention_heads} heads, "
         f"window {config.window_size}, chunk {config.chunk_size} x {config.chunk_rank}, memory {config.mem_length}, "
         f"{config.attention_type}/{_core_impl(config, layout.device)}, vocab {config.vocab_size}, parameters {params}\n"
-        f"layout: world {layout.world_size} = TP {layout.tp} x PP {layout.pp} x DP {layout.dp}, "
+        f"layout: {layout.parallel.describe()}, "
         f"ZeRO {args.zero_stage}, {precision}, recompute {_recompute_mode(args)}, backend {layout.backend}\n"
         f"batch: {args.global_batch_size} lanes x {args.seq_length} tokens = {tokens:,} tokens/step "
         f"(micro {args.micro_batch_size}, accumulation {args.gradient_accumulation_steps}); "

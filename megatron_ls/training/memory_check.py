@@ -12,9 +12,9 @@ import dataclasses
 import os
 from typing import Any
 
+from megatron_ls.errors import ConfigError
 from megatron_ls.model.config import TransformerLSConfig
 
-from .errors import ConfigError
 from .memory_estimate import DEFAULT_REDUCE_BUCKET, GiB, MemoryEstimate, TrainingLayout, estimate_memory, fmt_bytes
 
 HEADROOM = 0.95  # the CUDA context, allocator fragmentation and NCCL buffers take the rest
@@ -54,8 +54,7 @@ def training_layout(args: argparse.Namespace, config: TransformerLSConfig, ds_co
 
     impl = resolve_impl(config.attention_impl, device_type)
     return TrainingLayout(micro_batch_size=args.micro_batch_size, grad_accum_steps=args.gradient_accumulation_steps,
-                          tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                          dp=args.data_parallel_size, zero_stage=int(zero.get("stage", args.zero_stage)),
+                          parallel=dataclasses.replace(args.layout, zero_stage=int(zero.get("stage", args.zero_stage))),
                           checkpoint_activations=bool(args.checkpoint_activations),
                           recompute_attention=bool(getattr(args, "recompute_attention", False)), precision=precision,
                           attention_impl=_core(impl), device=device_type,
@@ -67,22 +66,23 @@ def _alternatives(layout: TrainingLayout, config: TransformerLSConfig, world: in
     """Single changes of the layout a user can make with one flag, most effective kinds first."""
     out: list[tuple[str, TrainingLayout]] = []
     change = lambda **kw: dataclasses.replace(layout, **kw)  # noqa: E731
+    reshape = lambda **kw: change(parallel=dataclasses.replace(layout.parallel, **kw))  # noqa: E731
     if not layout.checkpoint_activations:
         if not layout.recompute_attention and layout.attention_impl == "blocked":
             out.append(("add --recompute-granularity selective", change(recompute_attention=True)))
         out.append(("add --checkpoint-activations", change(checkpoint_activations=True, recompute_attention=False)))
     for stage in range(layout.zero_stage + 1, 2 if layout.pp > 1 else 4):
-        out.append((f"raise --zero-stage to {stage}", change(zero_stage=stage)))
+        out.append((f"raise --zero-stage to {stage}", reshape(zero_stage=stage)))
     if layout.micro_batch_size > 1:
         lanes = layout.micro_batch_size * layout.grad_accum_steps
         out.append(("lower --micro-batch-size to 1", change(micro_batch_size=1, grad_accum_steps=lanes)))
     for pp in range(layout.pp + 1, config.num_layers + 1):
         if world % (layout.tp * pp) == 0 and layout.zero_stage <= 1:  # DeepSpeed's pipeline: ZeRO 0/1 only
-            out.append((f"raise --pipeline-model-parallel-size to {pp}", change(pp=pp, dp=world // (layout.tp * pp))))
+            out.append((f"raise --pipeline-model-parallel-size to {pp}", reshape(pp=pp)))
             break
     for tp in range(layout.tp + 1, config.num_attention_heads + 1):
         if config.num_attention_heads % tp == 0 and config.ffn_hidden_size % tp == 0 and world % (tp * layout.pp) == 0:
-            out.append((f"raise --tensor-model-parallel-size to {tp}", change(tp=tp, dp=world // (tp * layout.pp))))
+            out.append((f"raise --tensor-model-parallel-size to {tp}", reshape(tp=tp)))
             break
     if layout.precision == "fp32":
         out.append(("add --bf16", change(precision="bf16")))

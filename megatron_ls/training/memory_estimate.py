@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from megatron_ls.model.attention.blocked import default_block_size
 from megatron_ls.model.attention.common import landmark_distance_rows
 from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.parallel.layout import ParallelLayout
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -46,10 +47,7 @@ class TrainingLayout:
 
     micro_batch_size: int = 1
     grad_accum_steps: int = 1
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    zero_stage: int = 0
+    parallel: ParallelLayout = ParallelLayout(1)  # degrees and ZeRO stage
     checkpoint_activations: bool = False
     recompute_attention: bool = False  # --recompute-granularity selective
     precision: str = "fp32"  # fp32 | bf16 | fp16
@@ -59,6 +57,16 @@ class TrainingLayout:
     device: str = "cuda"  # cuda | cpu: CPU dropout keeps its mask in the activation dtype, CUDA as one byte
     reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET
     overlap_comm: bool = False
+
+    tp = property(lambda self: self.parallel.tp)
+    pp = property(lambda self: self.parallel.pp)
+    dp = property(lambda self: self.parallel.dp)
+    zero_stage = property(lambda self: self.parallel.zero_stage)
+
+    def as_dict(self) -> dict:
+        """Flat: the degrees beside the other fields (what bench/memory.py tabulates)."""
+        out = {k: v for k, v in self.__dict__.items() if k != "parallel"}
+        return {**out, "tp": self.tp, "pp": self.pp, "dp": self.dp, "zero_stage": self.zero_stage}
 
     def describe(self) -> str:
         ckpt = " ckpt" if self.checkpoint_activations else " selective" if self.recompute_attention else ""

@@ -21,10 +21,13 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+from megatron_ls.checkpoint.files import LATEST, complete_tags, describe_latest, tag_name
+from megatron_ls.checkpoint.manifest import tag_bytes
+from megatron_ls.errors import CheckpointError, ConfigError, UserError
+
 from . import checkpointing as ckpt
 from .collectives import agree, global_rank, sum_over_ranks
 from .disk_space import free_bytes, human_bytes
-from .errors import CheckpointError, ConfigError, TrainingError
 from .logging import METRICS_FILE
 
 LOCK_FILE = "run.lock"
@@ -101,7 +104,7 @@ def hold_run_folder(folder: str | None, continuing: bool) -> Iterator[None]:
 
     try:
         agree(take, "taking the --save folder")
-    except TrainingError:
+    except UserError:
         lock.release(failed_start=True)
         raise
     done = False
@@ -124,9 +127,9 @@ def previous_run(folder: str) -> str | None:
     """A description of another run's files in FOLDER that a fresh run would overwrite, or None."""
     if not os.path.isdir(folder):
         return None
-    if os.path.isfile(os.path.join(folder, ckpt.LATEST)):
-        return f"a checkpoint ({ckpt.describe_latest(folder)})"
-    tags = ckpt.complete_tags(folder)
+    if os.path.isfile(os.path.join(folder, LATEST)):
+        return f"a checkpoint ({describe_latest(folder)})"
+    tags = complete_tags(folder)
     if tags:
         return f"{len(tags)} complete checkpoint{'s' if len(tags) > 1 else ''} (newest {tags[-1][1]}, no 'latest')"
     metrics = os.path.join(folder, METRICS_FILE)
@@ -148,8 +151,8 @@ def check_no_previous_run(folder: str, continuing: bool) -> None:
 def checkpoint_bytes(folder: str, first_estimate: int) -> int:
     """The bytes the next save will write: the newest complete checkpoint's (from its manifest) or, before the
     first save, ``first_estimate``; whichever is larger (the memory cache fills as the streams grow)."""
-    tags = ckpt.complete_tags(folder)
-    last = ckpt.tag_bytes(os.path.join(folder, tags[-1][1])) if tags else 0
+    tags = complete_tags(folder)
+    last = tag_bytes(os.path.join(folder, tags[-1][1])) if tags else 0
     return max(last, first_estimate)
 
 
@@ -163,9 +166,9 @@ def check_room(folder: str, iteration: int, local_estimate: int) -> int:
             return
         free = free_bytes(folder)
         if free < need + need // 20:
-            tags = ckpt.complete_tags(folder)
+            tags = complete_tags(folder)
             kept = f"the last checkpoint {tags[-1][1]} is intact" if tags else "no checkpoint was saved yet"
-            raise CheckpointError(f"no room for checkpoint {ckpt.tag_name(iteration)} in {folder}: it needs about "
+            raise CheckpointError(f"no room for checkpoint {tag_name(iteration)} in {folder}: it needs about "
                                   f"{human_bytes(need)}, {human_bytes(free)} are free; the run stops here and {kept} "
                                   f"(free space or move the folder, then resume with --load {folder})")
 

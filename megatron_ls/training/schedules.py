@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from megatron_ls.errors import ConfigError
 
 SCHEDULER_TYPES = {"constant": "WarmupLR", "linear": "WarmupDecayLR", "cosine": "WarmupCosineLR"}
 _STYLE_OF = {v: k for k, v in SCHEDULER_TYPES.items()}

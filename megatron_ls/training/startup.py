@@ -8,11 +8,12 @@ import os
 import zlib
 from typing import Any
 
+from megatron_ls.checkpoint.files import has_checkpoint
 from megatron_ls.data import DataError, LaneDataset, load_split
 from megatron_ls.data.tokenizers import tokenizer_mismatch
+from megatron_ls.errors import CheckpointError, ConfigError
 
 from . import checkpointing as ckpt
-from .errors import ConfigError
 from .finetune import FinetuneSource
 from .logging import print_rank0
 from .run_folder import check_no_previous_run
@@ -70,11 +71,11 @@ def _restore_local_state(path: str, train_data: LaneDataset, engine: Any) -> Non
     try:
         train_data.load_state_dict(local["data"])
     except ValueError as e:
-        raise ckpt.CheckpointError(f"checkpoint {path}: its lane position does not fit this data: {e}") from None
+        raise CheckpointError(f"checkpoint {path}: its lane position does not fit this data: {e}") from None
     try:
         engine.load_memory_state_dict(local["memory"])
     except ValueError as e:
-        raise ckpt.CheckpointError(f"checkpoint {path}: its memory cache does not fit this run: {e}") from None
+        raise CheckpointError(f"checkpoint {path}: its memory cache does not fit this run: {e}") from None
     ckpt.set_rng_state(local["rng"])
 
 
@@ -88,13 +89,11 @@ def data_fingerprint(tokens: Any) -> str:
 
 
 def run_info_of(args: argparse.Namespace, config: Any) -> dict[str, Any]:
-    run = {k: v for k, v in vars(args).items() if k not in ("explicit", "model") and not k.startswith("_")}
+    run = {k: v for k, v in vars(args).items() if k not in ("explicit", "model", "layout") and not k.startswith("_")}
     return {
         "model": config.to_dict(),
         "run": run,
-        "layout": {"tensor_model_parallel_size": args.tensor_model_parallel_size,
-                   "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
-                   "data_parallel_size": args.data_parallel_size},
+        "layout": args.layout.to_dict(),
         "tokenizer": args.tokenizer,
     }
 
@@ -109,15 +108,11 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Folders this run writes: creatable and writable now (not after the model is built), and --save not
     holding another run's checkpoints or metrics that this run would overwrite (checked again under the
     folder's lock, see run_folder.py)."""
-    from megatron_ls.inference.errors import InferenceError
-    from megatron_ls.inference.output_check import check_writable
+    from megatron_ls.output_check import check_writable
 
     for flag, path in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir)):
-        try:
-            if path:
-                check_writable(path, flag, folder=True)
-        except InferenceError as e:
-            raise ConfigError(str(e)) from None
+        if path:
+            check_writable(path, flag, folder=True)
     if args.save:
         check_no_previous_run(args.save, continues_in_place(args))
 
@@ -126,7 +121,7 @@ def should_resume(args: argparse.Namespace) -> bool:
     """--load with --save pointing to the same place and no checkpoint yet is a fresh start of a resumable run."""
     if not args.load:
         return False
-    if continues_in_place(args) and not ckpt.has_checkpoint(args.load):
+    if continues_in_place(args) and not has_checkpoint(args.load):
         print_rank0(f"no checkpoint in {args.load} yet: starting from scratch")
         return False
     return True
@@ -148,11 +143,11 @@ def start_state(args: argparse.Namespace, config: Any, run: dict[str, Any], loca
         ckpt.check_compatible(info, config.to_dict(), run, False, path)
         differ = tokenizer_mismatch(info.get("tokenizer"), args.tokenizer)
         if differ:
-            raise ckpt.CheckpointError(f"checkpoint {path} was trained on another tokenizer than "
+            raise CheckpointError(f"checkpoint {path} was trained on another tokenizer than "
                                        f"{args.data_path}'s ({differ})")
         saved = (info.get("run") or {}).get("data_fingerprint")
         if saved and saved != args.data_fingerprint:
-            raise ckpt.CheckpointError(f"checkpoint {path} was trained on other data than {args.data_path}_train "
+            raise CheckpointError(f"checkpoint {path} was trained on other data than {args.data_path}_train "
                                        f"(fingerprint {saved}, this split's {args.data_fingerprint}): an exact resume "
                                        "needs the same data; use --finetune to start a new phase on this data")
         if int(info["iteration"]) > args.train_iters:

@@ -22,19 +22,13 @@ from typing import Any
 
 import torch
 
-from megatron_ls.checkpoint_convert.tp_shards import merge_tp
-from megatron_ls.inference.errors import InferenceError
+from megatron_ls.errors import CheckpointError
 from megatron_ls.model.config import TransformerLSConfig
-from megatron_ls.training.checkpointing import (
-    LATEST,
-    MANIFEST,
-    RUN_INFO,
-    _crc32,
-    complete_tags,
-    find_tag,
-    manifest_crc32,
-)
-from megatron_ls.training.errors import CheckpointError
+
+from .files import LATEST, MANIFEST, RUN_INFO, complete_tags, find_tag
+from .manifest import manifest_crc32, read_manifest, verify_files
+from .param_names import pipe_to_lm_name
+from .tp_shards import merge_tp
 
 
 @dataclass
@@ -68,18 +62,15 @@ def is_training_checkpoint(path: str) -> bool:
 def locate(load_dir: str) -> TrainingCheckpoint:
     """Resolve `latest`, read run_state.json, check every file the manifest lists: there, its size, its CRC-32."""
     if not os.path.isdir(load_dir):
-        raise InferenceError(f"checkpoint folder {load_dir} not found")
+        raise CheckpointError(f"checkpoint folder {load_dir} not found")
     if os.path.isfile(os.path.join(load_dir, RUN_INFO)):
         path = load_dir  # a tag folder given directly
     else:
         latest = os.path.join(load_dir, LATEST)
         if not os.path.isfile(latest) and not complete_tags(load_dir):
-            raise InferenceError(f"{load_dir} holds no training checkpoint: no '{LATEST}' file naming one (and no "
+            raise CheckpointError(f"{load_dir} holds no training checkpoint: no '{LATEST}' file naming one (and no "
                                  f"{RUN_INFO}); pass the --save folder of a run, or a consolidated folder")
-        try:
-            tag, note = find_tag(load_dir)
-        except CheckpointError as e:
-            raise InferenceError(str(e)) from None
+        tag, note = find_tag(load_dir)
         if note:
             print(note, file=sys.stderr)
         path = os.path.join(load_dir, tag)
@@ -88,45 +79,26 @@ def locate(load_dir: str) -> TrainingCheckpoint:
             info = json.load(f)
         config = TransformerLSConfig.from_dict(info["model"])
     except OSError:
-        raise InferenceError(f"{path} is not a megatron-ls checkpoint: no {RUN_INFO}") from None
+        raise CheckpointError(f"{path} is not a megatron-ls checkpoint: no {RUN_INFO}") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise InferenceError(f"{os.path.join(path, RUN_INFO)} does not hold a valid model config: {e}") from None
+        raise CheckpointError(f"{os.path.join(path, RUN_INFO)} does not hold a valid model config: {e}") from None
     layout = info.get("layout", {})
     tp, pp = int(layout.get("tensor_model_parallel_size", 1)), int(layout.get("pipeline_model_parallel_size", 1))
-    manifest = os.path.join(path, MANIFEST)
-    if os.path.isfile(manifest):
-        try:
-            with open(manifest) as f:
-                files = json.load(f)["files"]
-            assert isinstance(files, dict)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-            raise InferenceError(f"checkpoint {path} is corrupt: {MANIFEST} is not a valid manifest") from None
-        for name, meta in sorted(files.items()):
-            full = os.path.join(path, name)
-            if not isinstance(meta, dict):
-                raise InferenceError(f"checkpoint {path} is corrupt: {MANIFEST} is not a valid manifest")
-            if not os.path.isfile(full):
-                raise InferenceError(f"checkpoint {path} is incomplete: {name} is missing")
-            if os.path.getsize(full) != meta.get("bytes", os.path.getsize(full)):
-                raise InferenceError(f"checkpoint {path} is corrupt: {name} does not have the size the manifest says")
-            # Same-size damage (flipped bits) only shows in the checksum; the trainer checks it the same way.
-            if "crc32" in meta and _crc32(full) != meta["crc32"]:
-                raise InferenceError(f"checkpoint {path} is corrupt: {name} fails its CRC-32 check")
+    if os.path.isfile(os.path.join(path, MANIFEST)):  # a converted checkpoint has one too; another tool's none
+        verify_files(path, read_manifest(path)["files"])  # every size and every CRC-32
     return TrainingCheckpoint(path, config, info.get("tokenizer"), tp, pp, info)
 
 
 def _load(file: str) -> Any:
     if not os.path.isfile(file):
-        raise InferenceError(f"checkpoint shard {file} is missing")
+        raise CheckpointError(f"checkpoint shard {file} is missing")
     try:
         return torch.load(file, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged shard
-        raise InferenceError(f"cannot read checkpoint shard {file}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint shard {file}: {e}") from None
 
 
 def _pipeline_shard(ckpt: TrainingCheckpoint, tp_rank: int) -> dict[str, torch.Tensor]:
-    from megatron_ls.model.pipeline import pipe_to_lm_name
-
     cfg = ckpt.config
     # embedding, layers, final norm (+ the untied output); the tied output is layer 0's module, not saved again
     layers = cfg.num_layers + 2 + (0 if cfg.tie_embeddings else 1)
@@ -143,12 +115,12 @@ def _zero_fp32(ckpt: TrainingCheckpoint, tp_rank: int) -> dict[str, torch.Tensor
     try:
         from deepspeed.utils.zero_to_fp32 import _get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
     except ImportError:
-        raise InferenceError(f"{ckpt.path} keeps its fp32 weights in ZeRO partitions; reading them needs "
+        raise CheckpointError(f"{ckpt.path} keeps its fp32 weights in ZeRO partitions; reading them needs "
                              "DeepSpeed (pip install deepspeed)") from None
     mine = [n for n in os.listdir(ckpt.path)
             if n.endswith(("_model_states.pt", "_optim_states.pt")) and f"mp_rank_{tp_rank:02d}" in n]
     if not any(n.endswith("_optim_states.pt") for n in mine):
-        raise InferenceError(f"checkpoint {ckpt.path} has no ZeRO optimizer shards (*mp_rank_{tp_rank:02d}"
+        raise CheckpointError(f"checkpoint {ckpt.path} has no ZeRO optimizer shards (*mp_rank_{tp_rank:02d}"
                              f"_optim_states.pt) holding the fp32 weights of TP rank {tp_rank}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in mine:
@@ -158,7 +130,7 @@ def _zero_fp32(ckpt: TrainingCheckpoint, tp_rank: int) -> dict[str, torch.Tensor
             with contextlib.redirect_stdout(sys.stderr):
                 state = _get_fp32_state_dict_from_zero_checkpoint(tmp, exclude_frozen_parameters=False)
         except (ValueError, FileNotFoundError) as e:
-            raise InferenceError(f"cannot merge the ZeRO shards of {ckpt.path} (TP rank {tp_rank}): {e}") from None
+            raise CheckpointError(f"cannot merge the ZeRO shards of {ckpt.path} (TP rank {tp_rank}): {e}") from None
         return to_torch_tensor(state)
 
 
@@ -169,7 +141,7 @@ def _module_shard(ckpt: TrainingCheckpoint, tp_rank: int) -> dict[str, torch.Ten
         return _zero_fp32(ckpt, tp_rank)  # ZeRO 3: the module states are placeholders
     module = _load(plain).get("module")
     if not isinstance(module, dict):
-        raise InferenceError(f"{plain} holds no module weights")
+        raise CheckpointError(f"{plain} holds no module weights")
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in module.values()):
         has_optim = any(n.endswith("_optim_states.pt") and f"mp_rank_{tp_rank:02d}" in n
                         for n in os.listdir(ckpt.path))

@@ -11,7 +11,8 @@ import json
 import os
 import sys
 
-from megatron_ls.inference.errors import InferenceError, run_cli
+from megatron_ls.cli.runner import run_cli
+from megatron_ls.errors import InferenceError
 from megatron_ls.temp_files import sweep, temp_name
 from megatron_ls.tool_signals import signal_hook
 
@@ -37,12 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from megatron_ls.data.errors import DataError
     from megatron_ls.data.lanes import load_split
     from megatron_ls.data.tokenizers import tokenizer_mismatch
+    from megatron_ls.errors import DataError
     from megatron_ls.inference.evaluate import check_protocol, evaluate_stream
     from megatron_ls.inference.model_source import open_model, reconfigure
-    from megatron_ls.inference.output_check import check_writable
+    from megatron_ls.output_check import check_writable
 
     if args.max_tokens is not None and args.max_tokens < 2:
         raise InferenceError(f"--max-tokens must be at least 2 (one token to condition on, one to predict), "

@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from megatron_ls.inference.errors import InferenceError, run_cli
+from megatron_ls.cli.runner import run_cli
+from megatron_ls.errors import CheckpointError, ConfigError
 
 PROG = "convert_checkpoint.py"
 
@@ -30,61 +31,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _read_source(path: str):
-    """(TP=1 fp32 state dict, config, tokenizer description, base dir of the tokenizer, iteration, provenance:
-    which checkpoint was read)."""
-    from megatron_ls.inference.consolidated import is_consolidated
-
-    if is_consolidated(path):
-        from megatron_ls.inference.consolidated import (
-            load_consolidated_state,
-            read_provenance,
-            read_tokenizer_description,
-        )
-
-        state, config = load_consolidated_state(path)
-        return ({k: v.float() for k, v in state.items()}, config, read_tokenizer_description(path), path, 0,
-                read_provenance(path))
-    from megatron_ls.checkpoint_convert.read_training import read_training_checkpoint
-
-    ckpt, state = read_training_checkpoint(path)
-    return (state, ckpt.config, ckpt.tokenizer, ckpt.tokenizer_base_dir, int(ckpt.info.get("iteration", 0)),
-            ckpt.provenance)
-
-
 def convert(args: argparse.Namespace) -> str:
-    from megatron_ls.checkpoint_convert.read_training import is_training_checkpoint
-    from megatron_ls.inference.consolidated import check_weights, is_consolidated, save_consolidated
-    from megatron_ls.inference.output_check import check_writable
+    from megatron_ls.checkpoint.consolidated import check_weights, is_consolidated, save_consolidated
+    from megatron_ls.checkpoint.reader import is_training_checkpoint
+    from megatron_ls.checkpoint.source import read_weights
+    from megatron_ls.output_check import check_writable
 
     to_training = args.target_tp is not None or args.target_pp is not None
     tp = 1 if args.target_tp is None else args.target_tp
     pp = 1 if args.target_pp is None else args.target_pp
     if tp < 1 or pp < 1:
-        raise InferenceError("--target-tp and --target-pp must be positive")
+        raise ConfigError("--target-tp and --target-pp must be positive")
     if not os.path.isdir(args.load):
-        raise InferenceError(f"--load {args.load}: folder not found")
+        raise CheckpointError(f"--load {args.load}: folder not found")
     if not to_training and is_consolidated(args.load):
-        raise InferenceError(f"--load {args.load} is already a consolidated checkpoint; pass --target-tp / "
+        raise ConfigError(f"--load {args.load} is already a consolidated checkpoint; pass --target-tp / "
                              "--target-pp to write a training layout from it")
     if not is_consolidated(args.load) and not is_training_checkpoint(args.load):
-        raise InferenceError(f"--load {args.load} holds no checkpoint: no 'latest' file naming a training checkpoint "
+        raise CheckpointError(f"--load {args.load} holds no checkpoint: no 'latest' file naming a training checkpoint "
                              "and no config.json + model.safetensors")
     check_writable(args.output, "--output", folder=True)  # before the reading, which can be long
     existing = [n for n in ("latest", "model.safetensors") if os.path.exists(os.path.join(args.output, n))]
     if existing and not args.overwrite:
-        raise InferenceError(f"--output {args.output} already holds a checkpoint ({existing[0]}); pass --overwrite")
-    state, config, tokenizer, base, iteration, provenance = _read_source(args.load)
+        raise ConfigError(f"--output {args.output} already holds a checkpoint ({existing[0]}); pass --overwrite")
+    src = read_weights(args.load)
+    state, config, tokenizer, base = src.state, src.config, src.tokenizer, src.tokenizer_base_dir
     if to_training:
-        from megatron_ls.checkpoint_convert.write_training import write_training_checkpoint
+        from megatron_ls.checkpoint.writer import write_training_checkpoint
 
         if tokenizer and tokenizer.get("type") == "sentencepiece" and not os.path.isabs(tokenizer["model"]):
             tokenizer = dict(tokenizer, model=os.path.abspath(os.path.join(base, tokenizer["model"])))
-        path = write_training_checkpoint(args.output, state, config, tokenizer, tp, pp, iteration, source=args.load)
+        path = write_training_checkpoint(args.output, state, config, tokenizer, tp, pp, src.iteration,
+                                         source=args.load)
         return f"wrote a TP={tp} x PP={pp} training checkpoint (weights only: resume it with --finetune) to {path}"
     check_weights(state, config, f"the weights of {args.load}")
     state = {k: v.to(DTYPES[args.dtype]) if v.is_floating_point() else v for k, v in state.items()}
-    save_consolidated(args.output, state, config, tokenizer, tokenizer_base_dir=base, source=provenance)
+    save_consolidated(args.output, state, config, tokenizer, tokenizer_base_dir=base, source=src.provenance)
     n = sum(v.numel() for v in state.values())
     return f"wrote the consolidated checkpoint ({n:,} parameters, {args.dtype}) to {args.output}"
 

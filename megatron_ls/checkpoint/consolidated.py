@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from megatron_ls.inference.errors import InferenceError
+from megatron_ls.errors import CheckpointError
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM
 from megatron_ls.temp_files import sweep, temp_name
@@ -61,7 +61,7 @@ def save_consolidated(out_dir: str, state_dict: dict[str, torch.Tensor], config:
             if not os.path.isabs(sp_model) and tokenizer_base_dir is not None:
                 sp_model = os.path.join(tokenizer_base_dir, sp_model)
             if not os.path.isfile(sp_model):
-                raise InferenceError(f"the sentencepiece model {sp_model} named by the checkpoint's tokenizer "
+                raise CheckpointError(f"the sentencepiece model {sp_model} named by the checkpoint's tokenizer "
                                      "is missing")
             tokenizer["model"] = SP_MODEL
     os.makedirs(out_dir, exist_ok=True)
@@ -95,7 +95,7 @@ def save_consolidated(out_dir: str, state_dict: dict[str, torch.Tensor], config:
 
 def check_weights(state_dict: dict[str, torch.Tensor], config: TransformerLSConfig, where: str) -> None:
     """One clear error when the weights are not those of TransformerLSLM(config) at TP=1."""
-    from megatron_ls.checkpoint_convert.tp_shards import expected_shapes
+    from megatron_ls.checkpoint.tp_shards import expected_shapes
 
     want = expected_shapes(config)
     missing, unexpected = sorted(set(want) - set(state_dict)), sorted(set(state_dict) - set(want))
@@ -105,11 +105,11 @@ def check_weights(state_dict: dict[str, torch.Tensor], config: TransformerLSConf
             parts.append(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
         if unexpected:
             parts.append(f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
-        raise InferenceError(f"{where} do not match the model of the config ({'; '.join(parts)})")
+        raise CheckpointError(f"{where} do not match the model of the config ({'; '.join(parts)})")
     for name, shape in want.items():
         got = tuple(state_dict[name].shape)
         if got != shape:
-            raise InferenceError(f"{where} do not match the config: {name} has shape {got}, the config "
+            raise CheckpointError(f"{where} do not match the config: {name} has shape {got}, the config "
                                  f"(hidden_size {config.hidden_size}, vocab_size {config.vocab_size}, "
                                  f"num_layers {config.num_layers}, ...) needs {shape}")
 
@@ -123,9 +123,9 @@ def read_config(path: str) -> TransformerLSConfig:
             raw.pop(SOURCE_KEY, None)  # which checkpoint it was converted from: not a model field
         return TransformerLSConfig.from_dict(raw)
     except OSError as e:
-        raise InferenceError(f"cannot read {file}: {e.strerror}") from None
+        raise CheckpointError(f"cannot read {file}: {e.strerror}") from None
     except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise InferenceError(f"{file} is not a valid model config: {e}") from None
+        raise CheckpointError(f"{file} is not a valid model config: {e}") from None
 
 
 def read_provenance(path: str) -> dict[str, Any]:
@@ -151,16 +151,16 @@ def read_tokenizer_description(path: str) -> dict[str, Any] | None:
         with open(file) as f:
             desc = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InferenceError(f"cannot read the tokenizer description {file}: {e}") from None
+        raise CheckpointError(f"cannot read the tokenizer description {file}: {e}") from None
     if not isinstance(desc, dict):
-        raise InferenceError(f"{file} is not a tokenizer description (a JSON object)")
+        raise CheckpointError(f"{file} is not a tokenizer description (a JSON object)")
     return desc
 
 
 def read_tokenizer(path: str):
     """The tokenizer of DIR, or None when the folder has no tokenizer.json."""
-    from megatron_ls.data.errors import DataError
     from megatron_ls.data.tokenizers import build_tokenizer
+    from megatron_ls.errors import DataError
 
     desc = read_tokenizer_description(path)
     if desc is None:
@@ -168,7 +168,7 @@ def read_tokenizer(path: str):
     try:
         return build_tokenizer(desc, base_dir=path)
     except (OSError, KeyError, DataError) as e:
-        raise InferenceError(f"cannot build the tokenizer of {os.path.join(path, TOKENIZER)}: {e}") from None
+        raise CheckpointError(f"cannot build the tokenizer of {os.path.join(path, TOKENIZER)}: {e}") from None
 
 
 def load_consolidated_state(path: str) -> tuple[dict[str, torch.Tensor], TransformerLSConfig]:
@@ -177,15 +177,15 @@ def load_consolidated_state(path: str) -> tuple[dict[str, torch.Tensor], Transfo
     from safetensors.torch import load_file
 
     if not os.path.isdir(path):
-        raise InferenceError(f"model folder {path} not found")
+        raise CheckpointError(f"model folder {path} not found")
     if not os.path.isfile(os.path.join(path, WEIGHTS)):
-        raise InferenceError(f"{path} is not a consolidated checkpoint: no {WEIGHTS} (convert a training checkpoint "
+        raise CheckpointError(f"{path} is not a consolidated checkpoint: no {WEIGHTS} (convert a training checkpoint "
                              "with tools/convert_checkpoint.py --load CKPT_DIR --output DIR)")
     config = read_config(path)
     try:
         state = load_file(os.path.join(path, WEIGHTS))
     except (SafetensorError, OSError) as e:
-        raise InferenceError(f"cannot read {os.path.join(path, WEIGHTS)}: {e}") from None
+        raise CheckpointError(f"cannot read {os.path.join(path, WEIGHTS)}: {e}") from None
     check_weights(state, config, f"the weights of {path}")
     return state, config
 

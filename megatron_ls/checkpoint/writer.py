@@ -25,25 +25,14 @@ from typing import Any
 
 import torch
 
-from megatron_ls.checkpoint_convert.tp_shards import split_tp
-from megatron_ls.inference.errors import InferenceError
+from megatron_ls.checkpoint.tp_shards import split_tp
+from megatron_ls.errors import CheckpointError
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.tool_signals import signal_hook, uninterruptible
-from megatron_ls.training.checkpointing import PARTIAL, RUN_INFO, publish_tag, tag_name, write_latest, write_manifest
 
-
-def _lm_to_pipe(name: str, num_layers: int) -> tuple[int, str]:
-    """(pipeline layer index, key inside that layer) of a TransformerLSLM parameter (inverse of pipe_to_lm_name)."""
-    if name.startswith("layers."):
-        index, rest = name[len("layers."):].split(".", 1)
-        return int(index) + 1, rest
-    if name.startswith("final_norm."):
-        return num_layers + 1, name[len("final_norm."):]
-    if name.startswith("embedding."):
-        return 0, name
-    if name.startswith("output."):
-        return num_layers + 2, name
-    raise InferenceError(f"cannot place parameter {name!r} in a pipeline layer")
+from .files import PARTIAL, RUN_INFO, publish_tag, tag_name, write_latest
+from .manifest import write_manifest
+from .param_names import lm_to_pipe_name
 
 
 def _ds_header(tp: int, pp: int, iteration: int) -> dict[str, Any]:
@@ -64,7 +53,7 @@ def write_training_checkpoint(out_dir: str, state: dict[str, torch.Tensor], conf
                               source: str | None = None) -> str:
     """Write OUT/iter_XXXXXXX/ and OUT/latest; returns the tag folder."""
     if pp < 1 or pp > config.num_layers:
-        raise InferenceError(f"--target-pp {pp} must be between 1 and num_layers ({config.num_layers})")
+        raise CheckpointError(f"--target-pp {pp} must be between 1 and num_layers ({config.num_layers})")
     shards = split_tp(state, config, tp)
     tag = tag_name(iteration)
     final = os.path.join(out_dir, tag)
@@ -106,7 +95,7 @@ def _write_tag(path: str, shards: list[dict[str, torch.Tensor]], config: Transfo
         for rank, shard in enumerate(shards):
             layers: dict[int, dict[str, torch.Tensor]] = {}
             for name, tensor in shard.items():
-                index, key = _lm_to_pipe(name, config.num_layers)
+                index, key = lm_to_pipe_name(name, config.num_layers)
                 layers.setdefault(index, {})[key] = tensor
             for index, layer_state in layers.items():
                 torch.save(layer_state, os.path.join(path, f"layer_{index:02d}-model_{rank:02d}-model_states.pt"))

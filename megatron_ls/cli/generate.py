@@ -18,7 +18,8 @@ import argparse
 import math
 import sys
 
-from megatron_ls.inference.errors import InferenceError, run_cli
+from megatron_ls.cli.runner import run_cli
+from megatron_ls.errors import InferenceError
 
 PROG = "generate.py"
 
@@ -68,8 +69,8 @@ def prompt_source(args: argparse.Namespace) -> str:
 def encode_prompt(tokenizer, prompt: bytes | str, source: str = "the prompt") -> list[int]:
     """Token ids of the prompt. A byte-level model takes any bytes as they are (undecodable bytes of --prompt,
     which Python keeps as lone surrogates, as the bytes they were); the other tokenizers read UTF-8 text."""
-    from megatron_ls.data.errors import DataError
     from megatron_ls.data.tokenizers import ByteTokenizer
+    from megatron_ls.errors import DataError
 
     if isinstance(tokenizer, ByteTokenizer):
         if isinstance(prompt, str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ls.inference.errors import InferenceError
+from megatron_ls.errors import CheckpointError
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM
 
@@ -37,14 +37,14 @@ def merge_tp(shards: list[dict[str, torch.Tensor]], config: TransformerLSConfig)
     names = set(shards[0])
     for rank, shard in enumerate(shards[1:], start=1):
         if set(shard) != names:
-            raise InferenceError(f"TP rank {rank} holds parameters {sorted(set(shard) ^ names)} that rank 0 does "
+            raise CheckpointError(f"TP rank {rank} holds parameters {sorted(set(shard) ^ names)} that rank 0 does "
                                  "not (or the reverse): the shards are not of one model")
     unknown = names - set(dims)
     if unknown:
-        raise InferenceError(f"the checkpoint has parameters this model does not: {sorted(unknown)[:5]}")
+        raise CheckpointError(f"the checkpoint has parameters this model does not: {sorted(unknown)[:5]}")
     missing = set(dims) - names
     if missing:
-        raise InferenceError(f"the checkpoint lacks parameters of this model: {sorted(missing)[:5]}")
+        raise CheckpointError(f"the checkpoint lacks parameters of this model: {sorted(missing)[:5]}")
     out = {}
     for name in sorted(names):
         dim = dims[name]
@@ -66,7 +66,7 @@ def tp_shard(full: dict[str, torch.Tensor], config: TransformerLSConfig, tp: int
              rank: int) -> dict[str, torch.Tensor]:
     """The state dict of TP rank `rank` of `tp` from TP=1 weights (only that rank's pieces are copied)."""
     if config.num_attention_heads % tp or config.ffn_hidden_size % tp:
-        raise InferenceError(f"--target-tp {tp} must divide num_attention_heads ({config.num_attention_heads}) and "
+        raise CheckpointError(f"--target-tp {tp} must divide num_attention_heads ({config.num_attention_heads}) and "
                              f"ffn_hidden_size ({config.ffn_hidden_size})")
     dims = partition_dims(config)
     padded = config.padded_vocab_size(tp)

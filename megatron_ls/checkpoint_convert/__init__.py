@@ -1,1 +1,0 @@
-"""Checkpoint conversion: training layouts (any TP x PP x ZeRO) <-> the consolidated inference checkpoint."""
