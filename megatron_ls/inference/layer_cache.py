@@ -52,7 +52,7 @@ class LongShortLayerCache:
             n = max(rows, 2 * (0 if self._r_lm is None else self._r_lm.shape[1]), 16)
             if self.clamp is not None:
                 n = min(n, self.clamp + 1)
-            self._r_lm = self.attn._positions(self.attn.r_lm_net, n, like)
+            self._r_lm = self.attn.positions(self.attn.r_lm_net, n, like)
         return self._r_lm
 
     # ---- state updates ----------------------------------------------------------------------
@@ -105,7 +105,7 @@ class LongShortLayerCache:
         B = x.shape[0]
         q = self._heads(a.query(x)) * self.head_dim ** -0.5  # (B, H, 1, dh)
         if self._r_win is None:
-            self._r_win = a._positions(a.r_win_net, self.window, x)  # (H, w, dh)
+            self._r_win = a.positions(a.r_win_net, self.window, x)  # (H, w, dh)
         s0 = max(first_visible, t - self.window + 1)
         k_win = self.k_win.view()[:, :, s0 - self.win_first: t + 1 - self.win_first]
         v_win = self.v_win.view()[:, :, s0 - self.win_first: t + 1 - self.win_first]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from megatron_ls.model.config import TransformerLSConfig
-from megatron_ls.model.full_attention import FullSelfAttention
+from megatron_ls.model.full_self_attention import FullSelfAttention
 from megatron_ls.model.long_short_attention import LongShortSelfAttention
 from megatron_ls.model.mlp import MLP
 

@@ -1,32 +1,27 @@
 """TransformerLSLM: the character / byte language model with a per-layer memory.
 
 tokens -> embedding * sqrt(D) -> dropout -> layers (each with its memory) -> final LayerNorm
--> logits through the (tied) embedding. Under tensor parallelism the vocabulary is padded to a
-multiple of tp and split across ranks; the padding columns are masked to a large negative
-number, so TP=2 with padding computes what TP=1 without it does, and the loss never needs the
+-> logits through the (tied) embedding (model/head.py). Under tensor parallelism the loss never needs the
 full logits (vocab-parallel cross entropy).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ls.model.attention.common import neg_value
 from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.model.head import VocabPartition, embed, logits_local
+from megatron_ls.model.init import unpadded_init
 from megatron_ls.model.layer import TransformerLSLayer
 from megatron_ls.model.memory import update_memory
-from megatron_ls.parallel import mpu
-from megatron_ls.parallel.checkpointing import checkpoint
 from megatron_ls.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ls.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, normal_init
 from megatron_ls.parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
 )
+from megatron_ls.parallel.recompute import checkpoint
 
 Memory = list[torch.Tensor]
 
@@ -40,50 +35,35 @@ def pad_to_chunks(tokens: torch.Tensor, chunk: int) -> torch.Tensor:
     return F.pad(tokens, (0, pad)) if pad else tokens
 
 
-def _unpadded(init, rows: int):
-    """Initialise only the real vocabulary rows (padding rows zero): the RNG stream, hence every later
-    weight, is then the same whatever padding the tensor-parallel size adds."""
-
-    def apply(full: torch.Tensor) -> None:
-        init(full[:rows])
-        full[rows:].zero_()
-
-    return apply
-
-
 class TransformerLSLM(nn.Module):
     def __init__(self, config: TransformerLSConfig) -> None:
         super().__init__()
         self.config = config
-        tp = mpu.get_tensor_model_parallel_world_size()
-        self.padded_vocab_size = config.padded_vocab_size(tp)
-        init = _unpadded(normal_init(config.init_method_std), config.vocab_size)
-        self.embedding = VocabParallelEmbedding(self.padded_vocab_size, config.hidden_size, init_method=init)
+        self.vocab = VocabPartition(config)
+        init = unpadded_init(normal_init(config.init_method_std), config.vocab_size)
+        self.embedding = VocabParallelEmbedding(self.vocab.padded_vocab_size, config.hidden_size, init_method=init)
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(TransformerLSLayer(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.output = None
         if not config.tie_embeddings:
-            self.output = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size, bias=False,
+            self.output = ColumnParallelLinear(config.hidden_size, self.vocab.padded_vocab_size, bias=False,
                                                init_method=init)
-        per_rank = self.padded_vocab_size // tp
-        self.vocab_start = per_rank * mpu.get_tensor_model_parallel_rank()
         # Set by the training engine: recompute each layer in the backward (deepspeed.checkpointing).
         self.checkpoint_activations = False
 
-    # ---- pieces (also used by pipeline stages and inference) -------------------------------
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.vocab.padded_vocab_size
+
+    # ---- pieces (also used by inference) ----------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding_dropout(self.embedding(tokens) * math.sqrt(self.config.hidden_size))
+        return embed(self.embedding, self.embedding_dropout, tokens, self.config.hidden_size)
 
     def logits_local(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's vocabulary partition of the logits (B, N, V_pad / tp); padding columns masked."""
         weight = self.embedding.weight if self.output is None else self.output.weight
-        logits = F.linear(copy_to_tensor_model_parallel_region(hidden), weight)
-        n_local = logits.shape[-1]
-        if self.vocab_start + n_local > self.config.vocab_size:
-            cols = torch.arange(self.vocab_start, self.vocab_start + n_local, device=logits.device)
-            logits = logits.masked_fill(cols >= self.config.vocab_size, neg_value(logits.dtype))
-        return logits
+        return logits_local(hidden, weight, self.vocab)
 
     def hidden_states(self, tokens: torch.Tensor, memory: Memory | None = None) -> tuple[torch.Tensor, Memory]:
         """Final-normalised hidden states (B, N, D) and the next memory."""

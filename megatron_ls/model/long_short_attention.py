@@ -9,47 +9,23 @@ With attention_type "window" the landmark half is absent (the paper's short-term
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_ls.model.attention import landmark_distance_rows, long_short_attention
 from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.model.init import head_parameter, local_heads, output_init
 from megatron_ls.model.landmarks import compress_landmarks_joint
 from megatron_ls.model.positions import sinusoid_table
-from megatron_ls.parallel import mpu
 from megatron_ls.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     TensorParallelLayerNorm,
     normal_init,
-    shard_init,
 )
 from megatron_ls.parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron_ls.parallel.random import tensor_parallel_rng
-
-
-def local_heads(config: TransformerLSConfig) -> int:
-    tp = mpu.get_tensor_model_parallel_world_size()
-    if config.num_attention_heads % tp != 0:
-        raise ValueError(f"num_attention_heads ({config.num_attention_heads}) must be divisible by the "
-                         f"tensor-model-parallel size ({tp})")
-    return config.num_attention_heads // tp
-
-
-def output_init(config: TransformerLSConfig):
-    # Megatron's scaled init for the projections that write into the residual stream.
-    return normal_init(config.init_method_std / math.sqrt(2.0 * config.num_layers))
-
-
-def head_parameter(full_shape: tuple[int, ...], init) -> nn.Parameter:
-    """A per-head parameter split by head (dim 0), marked the way the TP layers mark theirs."""
-    param = nn.Parameter(shard_init(full_shape, init, 0))
-    param.tensor_model_parallel = mpu.get_tensor_model_parallel_world_size() > 1
-    param.partition_dim = 0
-    return param
 
 
 class LongShortSelfAttention(nn.Module):
@@ -82,7 +58,7 @@ class LongShortSelfAttention(nn.Module):
         B, L, _ = x.shape
         return x.view(B, L, self.heads, self.head_dim).transpose(1, 2)
 
-    def _positions(self, net: ColumnParallelLinear, n: int, like: torch.Tensor) -> torch.Tensor:
+    def positions(self, net: ColumnParallelLinear, n: int, like: torch.Tensor) -> torch.Tensor:
         table = sinusoid_table(n, self.config.hidden_size, like.device, like.dtype)
         return net(table).view(n, self.heads, self.head_dim).transpose(0, 1)  # (H_local, n, dh)
 
@@ -103,7 +79,7 @@ class LongShortSelfAttention(nn.Module):
         kv = F.linear(copy_to_tensor_model_parallel_region(span), kv_weight, kv_bias)
         # DualLN's first norm on K and V in one call over [K | V] rows; the core reads both halves in place.
         k_win, v_win = (self._heads(t) for t in self.ln_win(kv.view(B, P + N, 2, -1)).unbind(2))
-        r_win = self._positions(self.r_win_net, w, x)
+        r_win = self.positions(self.r_win_net, w, x)
 
         if self.use_landmarks:
             # Memory and segment chunks compressed apart (chunks never straddle them): no copy of [memory; x].
@@ -115,7 +91,7 @@ class LongShortSelfAttention(nn.Module):
             # DualLN's second norm on the landmark keys and values in one call; the core reads both in place.
             k_lm, v_lm = (self._heads(t) for t in self.ln_lm(kv_lm).unbind(2))
             n_dist = landmark_distance_rows((M + N) // c, cfg.max_landmark_distance)
-            r_lm = self._positions(self.r_lm_net, n_dist, x)
+            r_lm = self.positions(self.r_lm_net, n_dist, x)
         else:
             k_lm = v_lm = q.new_zeros(B, self.heads, 0, self.head_dim)
             r_lm = q.new_zeros(self.heads, 0, self.head_dim)

@@ -10,7 +10,7 @@ from torch import nn
 
 from megatron_ls.kernels.availability import triton_importable
 from megatron_ls.model.config import TransformerLSConfig
-from megatron_ls.model.long_short_attention import output_init
+from megatron_ls.model.init import output_init
 from megatron_ls.parallel.layers import ColumnParallelLinear, RowParallelLinear, normal_init
 from megatron_ls.parallel.random import tensor_parallel_rng
 

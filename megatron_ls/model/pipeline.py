@@ -18,73 +18,54 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
 from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.model.head import VocabPartition, embed, logits_local
 from megatron_ls.model.layer import TransformerLSLayer
 from megatron_ls.model.lm import TransformerLSLM
-from megatron_ls.model.memory import update_memory
-from megatron_ls.parallel import mpu
-from megatron_ls.parallel.checkpointing import checkpoint
+from megatron_ls.model.memory import LaneMemory, update_memory
 from megatron_ls.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ls.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
-
-TRAIN_STREAM = "train"
-
-
-class _HeadMixin:
-    """TransformerLSLM's embedding / logits code, reused on a stage module with the same attribute names."""
-
-    config: TransformerLSConfig
-
-    def _setup(self, config: TransformerLSConfig) -> None:
-        tp = mpu.get_tensor_model_parallel_world_size()
-        self.config = config
-        self.padded_vocab_size = config.padded_vocab_size(tp)
-        self.vocab_start = (self.padded_vocab_size // tp) * mpu.get_tensor_model_parallel_rank()
-        self.output = None
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return TransformerLSLM.embed(self, tokens)
-
-    def logits_local(self, hidden: torch.Tensor) -> torch.Tensor:
-        return TransformerLSLM.logits_local(self, hidden)
+from megatron_ls.parallel.recompute import checkpoint
 
 
-class EmbeddingPipe(_HeadMixin, nn.Module):
+class EmbeddingPipe(nn.Module):
     """First stage: tokens -> embedded hidden states; also the tied output layer on the last stage."""
 
     def __init__(self, config: TransformerLSConfig, source: TransformerLSLM | None = None) -> None:
-        nn.Module.__init__(self)
-        self._setup(config)
-        self.embedding = VocabParallelEmbedding(self.padded_vocab_size, config.hidden_size)
+        super().__init__()
+        self.config = config
+        self.vocab = VocabPartition(config)
+        self.embedding = VocabParallelEmbedding(self.vocab.padded_vocab_size, config.hidden_size)
         self.embedding_dropout = nn.Dropout(config.dropout)
         if source is not None:
             self.embedding.load_state_dict(source.embedding.state_dict())
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, lane_set = inputs
-        return self.embed(tokens), lane_set
+        return embed(self.embedding, self.embedding_dropout, tokens, self.config.hidden_size), lane_set
 
 
 def tied_logits(module: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
     """The tied output layer: this rank's vocabulary partition of the logits."""
-    return module.logits_local(hidden)
+    return logits_local(hidden, module.embedding.weight, module.vocab)
 
 
-class OutputPipe(_HeadMixin, nn.Module):
+class OutputPipe(nn.Module):
     """Last stage with untied embeddings: its own column-parallel output projection."""
 
     def __init__(self, config: TransformerLSConfig, source: TransformerLSLM | None = None) -> None:
-        nn.Module.__init__(self)
-        self._setup(config)
-        self.output = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size, bias=False)
+        super().__init__()
+        self.vocab = VocabPartition(config)
+        self.output = ColumnParallelLinear(config.hidden_size, self.vocab.padded_vocab_size, bias=False)
         if source is not None:
             self.output.load_state_dict(source.output.state_dict())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.logits_local(hidden)
+        return logits_local(hidden, self.output.weight, self.vocab)
 
 
 class TransformerLSLayerPipe(TransformerLSLayer):
-    """One transformer layer that keeps its own memory, per stream and per micro-batch (= fixed lane set).
+    """One transformer layer that keeps its memory in its stage's LaneMemory, per stream and micro-batch (= fixed
+    lane set).
 
     The memory update (the layer's input, detached) happens outside the checkpointed function, so a
     recompute during the backward neither advances the memory nor reads a different one.
@@ -96,20 +77,18 @@ class TransformerLSLayerPipe(TransformerLSLayer):
         self.mem_length = config.mem_length
         self.index = index
         self.checkpoint_activations = checkpoint_activations
-        self.stream = TRAIN_STREAM
-        self.memory: dict[str, dict[int, torch.Tensor]] = {}
+        self.lanes = LaneMemory()  # replaced by the stage's shared one (TransformerLSPipe)
         if source is not None:
             self.load_state_dict(source.layers[index].state_dict())
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, lane_set = inputs
-        store = self.memory.setdefault(self.stream, {})
         key = int(lane_set.reshape(-1)[0])
-        mem = store.get(key)
+        mem = self.lanes.get(key, self.index)
         if mem is not None and mem.shape[0] != hidden.shape[0]:
             raise ValueError(f"layer {self.index}: memory of micro-batch {key} holds {mem.shape[0]} lanes, "
                              f"the input {hidden.shape[0]}; reset the memory when the batch layout changes")
-        store[key] = update_memory(mem, hidden, self.mem_length)
+        self.lanes.put(key, self.index, update_memory(mem, hidden, self.mem_length))
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
             out = checkpoint(self._layer, hidden, mem)
         else:
@@ -178,41 +157,15 @@ class TransformerLSPipe(PipelineModule):
                              partition_method="type:TransformerLSLayerPipe", activation_checkpoint_interval=0)
         self.config = config
         self.pipe_loss = pipe_loss
+        self.lanes = LaneMemory()  # this stage's layers' memory
+        for layer in self.memory_layers():
+            layer.lanes = self.lanes
 
     def memory_layers(self) -> list[TransformerLSLayerPipe]:
         return [f for f in self.forward_funcs if isinstance(f, TransformerLSLayerPipe)]
 
     def set_stream(self, stream: str) -> None:
-        for layer in self.memory_layers():
-            layer.stream = stream
-
-    def reset_memory(self, stream: str | None = None) -> None:
-        for layer in self.memory_layers():
-            if stream is None:
-                layer.memory.clear()
-            else:
-                layer.memory.pop(stream, None)
-
-    def memory_state_dict(self) -> dict[str, dict[int, dict[int, torch.Tensor]]]:
-        """{stream: {micro-batch: {global layer index: (B, m, D) tensor}}} for this stage's layers."""
-        out: dict[str, dict[int, dict[int, torch.Tensor]]] = {}
-        for layer in self.memory_layers():
-            for stream, store in layer.memory.items():
-                for key, mem in store.items():
-                    out.setdefault(stream, {}).setdefault(key, {})[layer.index] = mem.detach().cpu().clone()
-        return out
-
-    def load_memory_state_dict(self, state: dict[str, dict[int, dict[int, torch.Tensor]]],
-                               device: torch.device) -> None:
-        self.reset_memory()
-        layers = {layer.index: layer for layer in self.memory_layers()}
-        for stream, by_key in state.items():
-            for key, by_layer in by_key.items():
-                if set(by_layer) != set(layers):
-                    raise ValueError(f"memory state holds layers {sorted(by_layer)}, this stage has {sorted(layers)}: "
-                                     "resume with the pipeline layout it was saved with")
-                for index, mem in by_layer.items():
-                    layers[index].memory.setdefault(stream, {})[int(key)] = mem.to(device)
+        self.lanes.stream = stream
 
 
 def build_topology(pp: int, tp: int, dp: int) -> PipeModelDataParallelTopology:

@@ -23,17 +23,17 @@ from megatron_ls.errors import ParallelConfigError
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM, pad_to_chunks
 from megatron_ls.model.long_short_attention import set_selective_recompute
+from megatron_ls.model.memory import LaneMemory
 from megatron_ls.parallel import mpu
-from megatron_ls.parallel.checkpointing import configure_activation_checkpointing
 from megatron_ls.parallel.layout import ParallelLayout
 from megatron_ls.parallel.random import model_parallel_seed
+from megatron_ls.parallel.recompute import configure_activation_checkpointing
 from megatron_ls.training.checkpointing import agree_on_checkpoint
 from megatron_ls.training.distributed import Layout
 from megatron_ls.training.finetune import copy_weights
 from megatron_ls.training.schedules import start_at_first_update
 
 TRAIN, EVAL = "train", "eval"
-Memory = list[torch.Tensor]
 
 
 def check_ds_config(ds_config: dict[str, Any], layout: Layout) -> tuple[int, int]:
@@ -81,7 +81,8 @@ class TrainEngine:
         self.micro_batch_size = micro_batch_size
         self.grad_accum_steps = grad_accum_steps
         self.pipelined = layout.pp > 1
-        self._memory: dict[str, dict[int, Memory]] = {}  # pp = 1 only; stages keep theirs with pp > 1
+        # One store for the lanes' memory: with pp > 1 the stage module's (its layers read and write it).
+        self.lanes: LaneMemory = self.module.lanes if self.pipelined else LaneMemory()
         self._grad_norm: float | None = None
         self._lr: float | None = None
         self._update_skipped = False
@@ -161,13 +162,12 @@ class TrainEngine:
 
     def _train_step_local(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         self.engine.train()
-        memory = self._memory.setdefault(TRAIN, {})
         total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
         mb = self.micro_batch_size
         for i in range(self.grad_accum_steps):
             rows = slice(i * mb, (i + 1) * mb)
-            nats, memory[i] = self.engine(inputs[rows], memory=self._lane_memory(memory.get(i), mb),
-                                          labels=targets[rows])
+            nats, new_memory = self.engine(inputs[rows], memory=self._lane_memory(TRAIN, i, mb), labels=targets[rows])
+            self.lanes.put_layers(TRAIN, i, new_memory)
             loss = nats.mean()
             self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
             self.engine.step()  # steps the optimizer only at the accumulation boundary
@@ -178,7 +178,8 @@ class TrainEngine:
             total /= self.layout.dp
         return float(total)
 
-    def _lane_memory(self, memory: Memory | None, rows: int) -> Memory | None:
+    def _lane_memory(self, stream: str, lane_set: int, rows: int) -> list[torch.Tensor] | None:
+        memory = self.lanes.layers(stream, lane_set, self.config.num_layers)
         if memory and memory[0].shape[0] != rows:
             raise ValueError(f"the memory holds {memory[0].shape[0]} lanes per micro-batch, the batch {rows}; "
                              "reset_memory() when the lane layout changes")
@@ -211,15 +212,15 @@ class TrainEngine:
         return float(sums[0]), int(sums[1])
 
     def _eval_step_local(self, inputs: torch.Tensor, targets: torch.Tensor, mb: int, n: int) -> torch.Tensor:
-        memory = self._memory.setdefault(EVAL, {})
         sums = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
         self.engine.eval()
         try:
             with torch.no_grad():
                 for i in range(inputs.shape[0] // mb):
                     rows = slice(i * mb, (i + 1) * mb)
-                    nats, memory[i] = self.engine(inputs[rows], memory=self._lane_memory(memory.get(i), mb),
-                                                  labels=targets[rows])
+                    nats, new_memory = self.engine(inputs[rows], memory=self._lane_memory(EVAL, i, mb),
+                                                   labels=targets[rows])
+                    self.lanes.put_layers(EVAL, i, new_memory)
                     nats = nats[:, :n]  # the real targets, not the padding's
                     sums[0] += nats.double().sum()
                     sums[1] += nats.numel()
@@ -245,20 +246,11 @@ class TrainEngine:
     # ---- memory ---------------------------------------------------------------------------------------------------
     def reset_memory(self, stream: str | None = None) -> None:
         """Forget the memory of one stream ("train" / "eval") or of both: the lanes restart."""
-        if self.pipelined:
-            self.module.reset_memory(stream)
-        elif stream is None:
-            self._memory.clear()
-        else:
-            self._memory.pop(stream, None)
+        self.lanes.reset(stream)
 
     def memory_state_dict(self) -> dict[str, Any]:
         """This rank's memory cache (CPU tensors): part of the state an exact resume needs."""
-        if self.pipelined:
-            return {"pipeline": True, "memory": self.module.memory_state_dict()}
-        return {"pipeline": False,
-                "memory": {s: {i: [m.detach().cpu().clone() for m in mem] for i, mem in store.items()}
-                           for s, store in self._memory.items()}}
+        return {"pipeline": self.pipelined, "memory": self.lanes.state_dict()}
 
     def load_memory_state_dict(self, state: dict[str, Any]) -> None:
         """ValueError when the state does not fit this engine's layout (nothing is loaded then)."""
@@ -266,11 +258,8 @@ class TrainEngine:
             raise ValueError("the memory state was saved with a different pipeline layout; resume with the same "
                              "--pipeline-model-parallel-size or reset the memory")
         self._check_train_memory(state["memory"].get(TRAIN, {}))
-        if self.pipelined:
-            self.module.load_memory_state_dict(state["memory"], self.layout.device)
-            return
-        self._memory = {s: {int(i): [m.to(self.layout.device) for m in mem] for i, mem in store.items()}
-                        for s, store in state["memory"].items()}
+        layers = {layer.index for layer in self.module.memory_layers()} if self.pipelined else None
+        self.lanes.load_state_dict(state["memory"], self.layout.device, layers)
 
     def _check_train_memory(self, store: dict[int, Any]) -> None:
         """The train memory must be one entry per micro-batch of micro_batch_size lanes, as this engine steps."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from megatron_ls.model.attention import full_attention
 from megatron_ls.model.config import TransformerLSConfig
-from megatron_ls.model.long_short_attention import local_heads, output_init
+from megatron_ls.model.init import local_heads, output_init
 from megatron_ls.model.positions import rotary
 from megatron_ls.parallel.layers import ColumnParallelLinear, RowParallelLinear, normal_init
 from megatron_ls.parallel.random import tensor_parallel_rng
