@@ -7,7 +7,6 @@ rank with the same message; after that, per-rank work that can fail is agreed ac
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -28,6 +27,7 @@ from .logging import TrainingLogger, print_rank0
 from .memory_check import check_memory
 from .run_folder import check_room, hold_run_folder, state_bytes
 from .schedule_resume import apply_schedule, resolve_schedule, schedule_of_config
+from .settings import RunSettings
 from .signals import StopSignals
 from .startup import (
     check_outputs,
@@ -50,15 +50,15 @@ def train(argv: list[str] | None = None) -> int:
 def _train(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     from .distributed import init_distributed, world_from_env
 
-    args = parse_args(argv)
     world, rank, _ = world_from_env()
-    finalize_args(args, world_size=world)
-    check_outputs(args)
-    train_tokens, valid_tokens, meta = load_data(args)
-    args.tokenizer = meta.get("tokenizer")
-    config = model_config(args, meta)
+    flags = finalize_args(parse_args(argv), world_size=world)
     on_cpu = os.environ.get("DS_ACCELERATOR", "") == "cpu" or not _cuda_available()
-    ds_config = build_ds_config(args, on_cpu=on_cpu)
+    ds_config = build_ds_config(flags, on_cpu=on_cpu)  # the DeepSpeed JSON fills what the flags leave out
+    args = RunSettings.freeze(flags)
+    check_outputs(args)
+    data = load_data(args)
+    train_tokens, valid_tokens, meta = data.train, data.valid, data.meta
+    config = model_config(args, meta)
     # Lane datasets validate sizes before any process waits on another.
     lanes(train_tokens, args, 0, args.data_parallel_size, "train")
     if valid_tokens is not None:
@@ -76,7 +76,7 @@ def _train(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     from .engine import build_engine
 
     train_data = lanes(train_tokens, args, layout.dp_rank, layout.dp, "train")
-    run_info = run_info_of(args, config)
+    run_info = run_info_of(args, config, data)
     run = run_info["run"] | run_info["layout"] | {"world_size": world}
     resume = should_resume(args)
     located = ckpt.locate_checkpoint(args.load) if resume and not args.finetune else None
@@ -88,13 +88,13 @@ def _train(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         if line:
             print_rank0(line)
     run_info["schedule"] = schedule_of_config(ds_config)
-    source = read_source(args.load, config, run, args.tokenizer) if resume and args.finetune else None
+    source = read_source(args.load, config, run, data.tokenizer) if resume and args.finetune else None
     engine = build_engine(config, ds_config, layout, seed=args.seed,
                           checkpoint_activations=args.checkpoint_activations,
                           recompute_attention=args.recompute_attention,
                           initial_weights=source.weights if source else None)
 
-    iteration = start_state(args, config, run, located, source, engine, train_data)
+    iteration = start_state(args, data, config, run, located, source, engine, train_data)
 
     if rank == 0 and args.save:
         os.makedirs(args.save, exist_ok=True)
@@ -192,7 +192,7 @@ def _train(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     return 0
 
 
-def _banner(logger: TrainingLogger, args: argparse.Namespace, config: Any, engine: Any, layout: Any,
+def _banner(logger: TrainingLogger, args: RunSettings, config: Any, engine: Any, layout: Any,
             meta: dict) -> None:
     if not logger.active:
         return
@@ -220,7 +220,7 @@ def _core_impl(config: Any, device: Any) -> str:
     return f"auto ({auto_impl(device)})"
 
 
-def _recompute_mode(args: argparse.Namespace) -> str:
+def _recompute_mode(args: RunSettings) -> str:
     return "full" if args.checkpoint_activations else "selective" if args.recompute_attention else "none"
 
 

@@ -3,9 +3,9 @@ state to start from (fresh, --finetune or an exact resume)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 from megatron_ls.checkpoint.files import has_checkpoint
@@ -17,9 +17,21 @@ from . import checkpointing as ckpt
 from .finetune import FinetuneSource
 from .logging import print_rank0
 from .run_folder import check_no_previous_run
+from .settings import RunSettings
 
 
-def load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
+@dataclass(frozen=True)
+class RunData:
+    """The shards a run reads, and what it learns from them."""
+
+    train: Any  # token memory maps
+    valid: Any  # None without evaluation
+    meta: dict  # P.json
+    tokenizer: dict | None  # its description (recorded in checkpoints, compared on resume)
+    fingerprint: str  # of the train split (recorded in checkpoints, compared on resume)
+
+
+def load_data(args: RunSettings) -> RunData:
     train_tokens, meta = load_split(args.data_path, "train")
     valid_tokens = None
     if args.eval_iters != 0:
@@ -32,11 +44,11 @@ def load_data(args: argparse.Namespace) -> tuple[Any, Any, dict]:
             raise DataError(f"{args.data_path}_{split} holds token id {top} but {args.data_path}.json "
                             f"says the vocabulary has {meta['vocab_size']} ids: the shards and their metadata do not "
                             "belong together")
-    args.data_fingerprint = data_fingerprint(train_tokens)  # recorded in checkpoints, compared on resume
-    return train_tokens, valid_tokens, meta
+    return RunData(train_tokens, valid_tokens, meta, meta.get("tokenizer"), data_fingerprint(train_tokens))
 
 
-def model_config(args: argparse.Namespace, meta: dict) -> Any:
+def model_config(args: RunSettings, meta: dict) -> Any:
+    """The model's config: the flags' model with the shards' vocabulary."""
     from megatron_ls.model import TransformerLSConfig
 
     shard_vocab = int(meta["vocab_size"])
@@ -48,14 +60,13 @@ def model_config(args: argparse.Namespace, meta: dict) -> Any:
         raise ConfigError(f"the shards {args.data_path}_* have a vocabulary of {shard_vocab} ({tok} tokenizer, "
                           f"{args.data_path}.json) but the model's is {want} ({source})")
     model["vocab_size"] = shard_vocab
-    args.model = model
     try:
         return TransformerLSConfig(**model, seq_length=args.seq_length)
     except ValueError as e:
         raise ConfigError(f"model configuration: {e}") from None
 
 
-def lanes(tokens: Any, args: argparse.Namespace, dp_rank: int, dp: int, split: str) -> LaneDataset:
+def lanes(tokens: Any, args: RunSettings, dp_rank: int, dp: int, split: str) -> LaneDataset:
     """Training drops each lane's tail shorter than a segment; evaluation reads every lane to its end (the last,
     shorter segment is padded to whole chunks by the engine and only its real targets are scored)."""
     try:
@@ -88,23 +99,23 @@ def data_fingerprint(tokens: Any) -> str:
     return f"{len(tokens)}:{crc:08x}"
 
 
-def run_info_of(args: argparse.Namespace, config: Any) -> dict[str, Any]:
-    run = {k: v for k, v in vars(args).items() if k not in ("explicit", "model", "layout") and not k.startswith("_")}
+def run_info_of(args: RunSettings, config: Any, data: RunData) -> dict[str, Any]:
+    """What run_state.json records besides the iteration: the model, the settings, the layout, the data."""
     return {
         "model": config.to_dict(),
-        "run": run,
+        "run": args.to_dict() | {"data_fingerprint": data.fingerprint},
         "layout": args.layout.to_dict(),
-        "tokenizer": args.tokenizer,
+        "tokenizer": data.tokenizer,
     }
 
 
-def continues_in_place(args: argparse.Namespace) -> bool:
+def continues_in_place(args: RunSettings) -> bool:
     """--load is --save (without --finetune): this run continues the one whose files the folder holds."""
     return bool(args.load and args.save and not args.finetune
                 and os.path.realpath(args.load) == os.path.realpath(args.save))
 
 
-def check_outputs(args: argparse.Namespace) -> None:
+def check_outputs(args: RunSettings) -> None:
     """Folders this run writes: creatable and writable now (not after the model is built), and --save not
     holding another run's checkpoints or metrics that this run would overwrite (checked again under the
     folder's lock, see run_folder.py)."""
@@ -117,7 +128,7 @@ def check_outputs(args: argparse.Namespace) -> None:
         check_no_previous_run(args.save, continues_in_place(args))
 
 
-def should_resume(args: argparse.Namespace) -> bool:
+def should_resume(args: RunSettings) -> bool:
     """--load with --save pointing to the same place and no checkpoint yet is a fresh start of a resumable run."""
     if not args.load:
         return False
@@ -127,7 +138,7 @@ def should_resume(args: argparse.Namespace) -> bool:
     return True
 
 
-def start_state(args: argparse.Namespace, config: Any, run: dict[str, Any], located: tuple[str, dict] | None,
+def start_state(args: RunSettings, data: RunData, config: Any, run: dict[str, Any], located: tuple[str, dict] | None,
                 source: FinetuneSource | None, engine: Any, train_data: LaneDataset) -> int:
     """Collective. The iteration to start from: 0 for a fresh run or a --finetune (whose weights the engine was
     built with, or DeepSpeed reads now for another tool's checkpoint); on a resume (``located``: the verified
@@ -141,14 +152,14 @@ def start_state(args: argparse.Namespace, config: Any, run: dict[str, Any], loca
     elif located is not None:
         path, info = located
         ckpt.check_compatible(info, config.to_dict(), run, False, path)
-        differ = tokenizer_mismatch(info.get("tokenizer"), args.tokenizer)
+        differ = tokenizer_mismatch(info.get("tokenizer"), data.tokenizer)
         if differ:
             raise CheckpointError(f"checkpoint {path} was trained on another tokenizer than "
                                        f"{args.data_path}'s ({differ})")
         saved = (info.get("run") or {}).get("data_fingerprint")
-        if saved and saved != args.data_fingerprint:
+        if saved and saved != data.fingerprint:
             raise CheckpointError(f"checkpoint {path} was trained on other data than {args.data_path}_train "
-                                       f"(fingerprint {saved}, this split's {args.data_fingerprint}): an exact resume "
+                                       f"(fingerprint {saved}, this split's {data.fingerprint}): an exact resume "
                                        "needs the same data; use --finetune to start a new phase on this data")
         if int(info["iteration"]) > args.train_iters:
             raise ConfigError(f"checkpoint {path} is at iteration {info['iteration']}, beyond --train-iters "
