@@ -50,7 +50,7 @@ def core_launches(geo: CoreGeometry, dtype: torch.dtype, pos: str):
     inputs = geo.inputs(dtype)
     grad_out = torch.zeros_like(inputs[0])
     with recorded_launches() as launches, TorchOpWork() as torch_work:
-        torch.autograd.grad(long_short_attention_fused(*inputs, **geo.kwargs()), inputs, grad_out)
+        torch.autograd.grad(long_short_attention_fused(*inputs, geo.spec()), inputs, grad_out)
     return launches, torch_work
 
 

@@ -21,9 +21,11 @@ if not CUDA:
 
 pytest.importorskip("triton", reason="the fused kernels are written in Triton")
 
-from megatron_ls.kernels import fused_available, long_short_attention_fused  # noqa: E402
+from megatron_ls.kernels import LongShortGeometry, fused_available  # noqa: E402
+from megatron_ls.kernels import long_short_attention_fused as fused_core  # noqa: E402
 from megatron_ls.model.attention.blocked import long_short_attention_blocked  # noqa: E402
 from megatron_ls.model.attention.common import landmark_distance_rows  # noqa: E402
+from megatron_ls.model.attention.dispatch import long_short_attention  # noqa: E402
 from megatron_ls.model.attention.reference import long_short_attention_reference  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -34,6 +36,11 @@ if not CUDA and _KERNELS_PRELOADED and os.environ.get("TRITON_INTERPRET") != "1"
     pytest.skip("the Triton kernels were imported before TRITON_INTERPRET=1 could be set; run this file alone",
                 allow_module_level=True)
 
+
+
+def long_short_attention_fused(*tensors, window, chunk, chunk_rank, mem_len, softmax_scale=None):
+    """The kernels' entry with the keyword geometry the other implementations take."""
+    return fused_core(*tensors, LongShortGeometry(window, chunk, chunk_rank, mem_len, softmax_scale))
 
 def make_inputs(B, H, N, dh, w, c, r, M, clamp=None, landmarks=True, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -143,9 +150,10 @@ def test_fused_softmax_scale():
 
 
 def test_fused_dropout_falls_back_to_blocked():
+    """The dispatcher runs `blocked` when `fused` is asked for dropout on the probabilities."""
     tensors, geo = make_inputs(1, 2, 32, 16, 16, 8, 1, 16, dtype=torch.float32)
     torch.manual_seed(3)
-    a = long_short_attention_fused(*tensors, **geo, dropout_p=0.25)
+    a = long_short_attention(*tensors, **geo, dropout_p=0.25, impl="fused")
     torch.manual_seed(3)
     b = long_short_attention_blocked(*tensors, **geo, dropout_p=0.25)
     torch.testing.assert_close(a, b)
@@ -215,7 +223,7 @@ def test_work_account_equals_what_the_kernels_execute(case, window_pos):
     B, H, N, dh, w, c, r, M, clamp, lm = WORK_CASES[case]
     geo = CoreGeometry(B, H, N, M, dh, w, c, r, clamp, lm)
     with recorded_launches() as launches:
-        out = long_short_attention_fused(*geo.inputs(torch.float32), **geo.kwargs())
+        out = fused_core(*geo.inputs(torch.float32), geo.spec())
         out.backward(torch.zeros_like(out))
     account = {}
     for launch in launches:  # the key bias runs in the forward and again in the backward

@@ -12,18 +12,17 @@ from __future__ import annotations
 import torch
 
 from megatron_ls.kernels.availability import fused_available, fused_preferred
+from megatron_ls.kernels.spec import LongShortGeometry
 
 
 def long_short_attention_fused(
     q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, k_lm: torch.Tensor, v_lm: torch.Tensor,
-    pos_bias_u: torch.Tensor, pos_bias_v: torch.Tensor, r_win: torch.Tensor, r_lm: torch.Tensor, *,
-    window: int, chunk: int, chunk_rank: int, mem_len: int, dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
+    pos_bias_u: torch.Tensor, pos_bias_v: torch.Tensor, r_win: torch.Tensor, r_lm: torch.Tensor,
+    geo: LongShortGeometry,
 ) -> torch.Tensor:
     """Triton long-short attention; see megatron_ls.kernels.long_short_fused for the details."""
     from megatron_ls.kernels.long_short_fused import long_short_attention_fused as impl
-    return impl(q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm, window=window, chunk=chunk,
-                chunk_rank=chunk_rank, mem_len=mem_len, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    return impl(q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm, geo)
 
 
-__all__ = ["fused_available", "fused_preferred", "long_short_attention_fused"]
+__all__ = ["LongShortGeometry", "fused_available", "fused_preferred", "long_short_attention_fused"]

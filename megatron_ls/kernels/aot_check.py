@@ -56,7 +56,7 @@ def core_launches(geo: CoreGeometry, dtype: torch.dtype, pos: str) -> list[Launc
     os.environ["MEGATRON_LS_WINDOW_POS"] = pos
     try:
         with recorded_launches() as launches:
-            out = long_short_attention_fused(*inputs, **geo.kwargs())
+            out = long_short_attention_fused(*inputs, geo.spec())
             out.backward(torch.zeros_like(out))
     finally:
         if saved is None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_ls.kernels.spec import LongShortGeometry, landmark_distance_rows
+
 
 @dataclass
 class Launch:
@@ -123,8 +125,6 @@ class CoreGeometry:
 
     @property
     def n_dist(self) -> int:
-        from megatron_ls.model.attention.common import landmark_distance_rows
-
         return landmark_distance_rows((self.M + self.N) // self.c, self.clamp)
 
     def inputs(self, dtype: torch.dtype, device: str | torch.device = "meta") -> list[torch.Tensor]:
@@ -141,5 +141,5 @@ class CoreGeometry:
         kv = [t[:, :, j].transpose(1, 2) for t in (win, lm) for j in (0, 1)]
         return [q, *kv, zeros(H, dh), zeros(H, dh), zeros(H, self.w, dh), zeros(H, self.n_dist, dh)]
 
-    def kwargs(self) -> dict:
-        return dict(window=self.w, chunk=self.c, chunk_rank=self.r, mem_len=self.M)
+    def spec(self) -> LongShortGeometry:
+        return LongShortGeometry(self.w, self.c, self.r, self.M)

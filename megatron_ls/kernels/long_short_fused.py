@@ -1,6 +1,6 @@
 """The fused (Triton) long-short attention core: autograd glue and the public entry point.
 
-Same signature and semantics as megatron_ls.model.attention.reference (DESIGN.md §2): window
+The semantics of megatron_ls.model.attention.reference (DESIGN.md §2), its geometry one LongShortGeometry: window
 scores (q+u).k_s + (q+v).R_w(t-s), landmark scores q.k_j + q.R_c(d) with d in chunk units,
 chunk-causal landmark visibility, ONE softmax (fp32 statistics) over both.
 """
@@ -12,7 +12,7 @@ import torch
 from megatron_ls.kernels.availability import autocast_off, window_pos_mode
 from megatron_ls.kernels.ls_backward import long_short_backward
 from megatron_ls.kernels.ls_forward import long_short_forward, row_stride, token_major
-from megatron_ls.model.attention.common import check_long_short_shapes
+from megatron_ls.kernels.spec import LongShortGeometry, check_shapes
 
 
 class _LongShortFn(torch.autograd.Function):
@@ -44,25 +44,20 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
 
 def long_short_attention_fused(
     q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, k_lm: torch.Tensor, v_lm: torch.Tensor,
-    pos_bias_u: torch.Tensor, pos_bias_v: torch.Tensor, r_win: torch.Tensor, r_lm: torch.Tensor, *,
-    window: int, chunk: int, chunk_rank: int, mem_len: int, dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
+    pos_bias_u: torch.Tensor, pos_bias_v: torch.Tensor, r_win: torch.Tensor, r_lm: torch.Tensor,
+    geo: LongShortGeometry,
 ) -> torch.Tensor:
     """Long-short attention with Triton kernels for forward and backward; returns (B, H, N, dh).
 
-    The kernels run on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, tests).
-    dropout_p > 0 is NOT fused: it falls back to the blocked pure-PyTorch path (same semantics,
-    dropout on the joint probabilities). dh must be a power of two >= 16 (tl.dot / tl.arange).
-    Operands are computed in q's dtype (the autocast dtype under CUDA autocast); u, v, R and
-    the softmax statistics are accumulated in fp32. Gradients flow to all nine tensors.
+    The kernels run on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, tests). There is no
+    dropout here: the dispatcher (model/attention/dispatch.py) runs `blocked` for dropout on the probabilities.
+    dh must be a power of two >= 16 (tl.dot / tl.arange). Operands are computed in q's dtype (the autocast dtype
+    under CUDA autocast); u, v, R and the softmax statistics are accumulated in fp32. Gradients flow to all nine
+    tensors.
     """
-    if dropout_p > 0:
-        from megatron_ls.model.attention.blocked import long_short_attention_blocked
-        return long_short_attention_blocked(q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm,
-                                            window=window, chunk=chunk, chunk_rank=chunk_rank, mem_len=mem_len,
-                                            dropout_p=dropout_p, softmax_scale=softmax_scale)
-    check_long_short_shapes(q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm,
-                            window=window, chunk=chunk, chunk_rank=chunk_rank, mem_len=mem_len)
+    check_shapes(q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm, geo)
+    window, chunk, chunk_rank, mem_len, softmax_scale = (geo.window, geo.chunk, geo.chunk_rank, geo.mem_len,
+                                                         geo.softmax_scale)
     dh = q.shape[-1]
     if dh < 16 or dh & (dh - 1):
         raise ValueError(f"the fused kernel needs a head dim that is a power of two >= 16, got {dh}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_ls.kernels.spec import LongShortGeometry, check_shapes, landmark_distance_rows  # noqa: F401
+
 
 def neg_value(dtype: torch.dtype) -> float:
     """A finite 'minus infinity': exp() underflows to 0, sums of two never overflow, and a
@@ -16,47 +18,10 @@ def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def landmark_distance_rows(total_chunks: int, max_landmark_distance: int | None) -> int:
-    """Rows of the landmark position table R_c needed for `total_chunks` chunks of [memory; segment].
-
-    The furthest visible landmark of a query in the last chunk is at distance total_chunks - 2;
-    with a clamp the table stops at the clamp. At least one row so the table is never empty.
-    """
-    rows = max(total_chunks - 1, 1)
-    if max_landmark_distance is not None:
-        rows = min(rows, max_landmark_distance + 1)
-    return rows
-
-
 def check_long_short_shapes(q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, k_lm: torch.Tensor,
                             v_lm: torch.Tensor, pos_bias_u: torch.Tensor, pos_bias_v: torch.Tensor,
                             r_win: torch.Tensor, r_lm: torch.Tensor, *, window: int, chunk: int,
                             chunk_rank: int, mem_len: int) -> int:
-    """Validate the core's inputs (see attention/__init__.py); returns P, the window keys before the segment."""
-    if q.dim() != 4:
-        raise ValueError(f"q must be (B, H, N, dh), got {tuple(q.shape)}")
-    B, H, N, dh = q.shape
-    P = k_win.shape[2] - N
-    if k_win.shape != (B, H, N + P, dh) or v_win.shape != k_win.shape:
-        raise ValueError(f"k_win/v_win must be (B, H, P+N, dh) with q {tuple(q.shape)}; got "
-                         f"{tuple(k_win.shape)} and {tuple(v_win.shape)}")
-    if P != min(mem_len, window - 1):
-        raise ValueError(f"k_win must start min(mem_len, window-1) = {min(mem_len, window - 1)} positions before "
-                         f"the segment, got {P}")
-    if window < chunk:
-        raise ValueError(f"window ({window}) must be >= chunk ({chunk})")
-    if N % chunk or mem_len % chunk:
-        raise ValueError(f"N ({N}) and mem_len ({mem_len}) must be multiples of chunk ({chunk})")
-    n_lm = k_lm.shape[2]
-    if n_lm not in (0, (mem_len + N) // chunk * chunk_rank):
-        raise ValueError(f"k_lm must hold (mem_len + N) / chunk * chunk_rank = "
-                         f"{(mem_len + N) // chunk * chunk_rank} landmarks (or 0 for window-only), got {n_lm}")
-    if k_lm.shape != (B, H, n_lm, dh) or v_lm.shape != k_lm.shape:
-        raise ValueError(f"k_lm/v_lm must be (B, H, L, dh); got {tuple(k_lm.shape)} and {tuple(v_lm.shape)}")
-    if pos_bias_u.shape != (H, dh) or pos_bias_v.shape != (H, dh):
-        raise ValueError(f"pos_bias_u/v must be (H, dh) = {(H, dh)}")
-    if r_win.shape != (H, window, dh):
-        raise ValueError(f"r_win must be (H, window, dh) = {(H, window, dh)}, got {tuple(r_win.shape)}")
-    if n_lm and (r_lm.dim() != 3 or r_lm.shape[0] != H or r_lm.shape[2] != dh or r_lm.shape[1] < 1):
-        raise ValueError(f"r_lm must be (H, n_dist >= 1, dh), got {tuple(r_lm.shape)}")
-    return P
+    """Validate the core's inputs (kernels/spec.py); returns P, the window keys before the segment."""
+    return check_shapes(q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm,
+                        LongShortGeometry(window, chunk, chunk_rank, mem_len))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_ls.kernels.spec import LongShortGeometry
 from megatron_ls.model.attention.blocked import long_short_attention_blocked
 from megatron_ls.model.attention.reference import long_short_attention_reference
 
@@ -66,9 +67,12 @@ def long_short_attention(q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tens
     backward, and `reference` is the readable definition.
     """
     impl = resolve_impl(impl, q.device)
-    fn = {"reference": long_short_attention_reference, "blocked": long_short_attention_blocked}.get(impl)
+    if impl == "fused" and dropout_p > 0:
+        impl = "blocked"  # the kernels fuse no dropout: the same semantics, dropout on the joint probabilities
+    tensors = (q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm)
+    if impl == "fused":
+        return _fused()(*tensors, LongShortGeometry(window, chunk, chunk_rank, mem_len, softmax_scale))
+    fn = long_short_attention_reference if impl == "reference" else long_short_attention_blocked
     extra = {"recompute": recompute} if impl == "blocked" else {}
-    if fn is None:
-        fn = _fused()
-    return fn(q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm, window=window, chunk=chunk,
-              chunk_rank=chunk_rank, mem_len=mem_len, dropout_p=dropout_p, softmax_scale=softmax_scale, **extra)
+    return fn(*tensors, window=window, chunk=chunk, chunk_rank=chunk_rank, mem_len=mem_len, dropout_p=dropout_p,
+              softmax_scale=softmax_scale, **extra)
