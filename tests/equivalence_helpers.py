@@ -133,13 +133,13 @@ def _run(engine_factory, layout, plan: dict[str, Any], out_dir: str) -> dict[str
 
 
 def train_and_record(rank: int, world: int, out_dir: str, tp: int, pp: int, plans: list[dict[str, Any]],
-                     config_overrides: dict | None = None, micro: int = 1) -> None:
+                     config_overrides: dict | None = None, micro: int = 1, sp: int = 1) -> None:
     """Run each plan ({"zero": stage, "ckpt": bool, "evals": bool, ...}) in this process group; save the results."""
-    from megatron_ls.training.distributed import init_distributed
+    from megatron_ls.training.distributed import init_distributed, layout_for
     from megatron_ls.training.engine import build_engine
 
     config = tiny_config(**(config_overrides or {}))
-    layout = init_distributed(tp, pp, config)
+    layout = init_distributed(layout=layout_for(world, tp, pp, config, sp=sp))
     results = []
     for plan in plans:
         def factory(plan=plan):
@@ -148,7 +148,7 @@ def train_and_record(rank: int, world: int, out_dir: str, tp: int, pp: int, plan
                                 checkpoint_activations=plan.get("ckpt", False))
 
         results.append(_run(factory, layout, plan, out_dir))
-    torch.save({"layout": dict(tp=layout.tp, pp=layout.pp, dp=layout.dp, pp_rank=layout.pp_rank,
+    torch.save({"layout": dict(tp=layout.tp, pp=layout.pp, dp=layout.dp, sp=sp, pp_rank=layout.pp_rank,
                                dp_rank=layout.dp_rank, tp_rank=layout.tp_rank), "results": results},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()

@@ -22,6 +22,7 @@ from megatron_ls.parallel.mappings import (
     gather_from_tensor_model_parallel_region,
 )
 from megatron_ls.parallel.recompute import checkpoint
+from megatron_ls.parallel.sequence import sp_size
 
 Memory = list[torch.Tensor]
 
@@ -77,7 +78,7 @@ class TransformerLSLM(nn.Module):
         h = self.embed(tokens)
         new_memory = []
         for layer, mem in zip(self.layers, memory):
-            new_memory.append(update_memory(mem, h, cfg.mem_length))
+            new_memory.append(update_memory(mem, h, cfg.mem_length // sp_size()))
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
                 h = checkpoint(layer, h, mem)
             else:

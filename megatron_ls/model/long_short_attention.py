@@ -26,6 +26,7 @@ from megatron_ls.parallel.layers import (
 )
 from megatron_ls.parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron_ls.parallel.random import tensor_parallel_rng
+from megatron_ls.parallel.sequence import heads_to_sequence, local_heads_slice, sequence_to_heads, sp_size
 
 
 class LongShortSelfAttention(nn.Module):
@@ -63,45 +64,102 @@ class LongShortSelfAttention(nn.Module):
         return net(table).view(n, self.heads, self.head_dim).transpose(0, 1)  # (H_local, n, dh)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, impl: str | None = None) -> torch.Tensor:
-        """x (B, N, D) normalised layer input; memory (B, M, D) normalised inputs of the previous M tokens."""
+        """x (B, N, D) normalised layer input; memory (B, M, D) normalised inputs of the previous M tokens.
+
+        Under sequence parallelism (K ranks) x and memory are this rank's slices, (B, N/K, D) and (B, M/K, D);
+        the core runs on the whole sequence of K-th of the heads (parallel/sequence.py).
+        """
+        if sp_size() > 1:
+            return self._forward_sequence_parallel(x, memory, impl)
         cfg = self.config
         B, N, D = x.shape
         M = 0 if memory is None else memory.shape[1]
         cfg.check_segment(N, M)
-        w, c, r = cfg.window_size, cfg.chunk_size, cfg.chunk_rank
-        P = min(M, w - 1)
+        P = min(M, cfg.window_size - 1)
 
         q = self._heads(self.query(x))
-        # K and V of the window span in one matmul; raw K, V go through DualLN's first norm.
         span = x if P == 0 else torch.cat([memory[:, M - P:], x], dim=1)
-        kv_weight = torch.cat([self.key.weight, self.value.weight])
-        kv_bias = torch.cat([self.key.bias, self.value.bias])
-        kv = F.linear(copy_to_tensor_model_parallel_region(span), kv_weight, kv_bias)
-        # DualLN's first norm on K and V in one call over [K | V] rows; the core reads both halves in place.
-        k_win, v_win = (self._heads(t) for t in self.ln_win(kv.view(B, P + N, 2, -1)).unbind(2))
-        r_win = self.positions(self.r_win_net, w, x)
-
+        k_win, v_win = (self._heads(t) for t in self._window_kv(span).unbind(2))  # the core reads them in place
         if self.use_landmarks:
-            # Memory and segment chunks compressed apart (chunks never straddle them): no copy of [memory; x].
-            compressed = [compress_landmarks_joint(copy_to_tensor_model_parallel_region(part), self.dproj.weight,
-                                                   self.dproj.bias, kv_weight, kv_bias, heads=self.heads, chunk=c,
-                                                   rank=r)
-                          for part in ([x] if M == 0 else [memory, x])]
-            kv_lm = compressed[0] if M == 0 else torch.cat(compressed, dim=1)
-            # DualLN's second norm on the landmark keys and values in one call; the core reads both in place.
-            k_lm, v_lm = (self._heads(t) for t in self.ln_lm(kv_lm).unbind(2))
-            n_dist = landmark_distance_rows((M + N) // c, cfg.max_landmark_distance)
-            r_lm = self.positions(self.r_lm_net, n_dist, x)
+            k_lm, v_lm = (self._heads(t) for t in self._landmarks([x] if M == 0 else [memory, x]).unbind(2))
         else:
             k_lm = v_lm = q.new_zeros(B, self.heads, 0, self.head_dim)
-            r_lm = q.new_zeros(self.heads, 0, self.head_dim)
+        out = self._core(q, k_win, v_win, k_lm, v_lm, M, slice(None), impl, like=x)
+        out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)
+        return self.dropout(self.dense(out))
 
+    def _kv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([self.key.weight, self.value.weight]), torch.cat([self.key.bias, self.value.bias])
+
+    def _window_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """K and V of every row of x in one matmul, through DualLN's first norm in one call over [K | V] rows:
+        (B, L, 2, H_local dh)."""
+        kv_weight, kv_bias = self._kv_weights()
+        kv = F.linear(copy_to_tensor_model_parallel_region(x), kv_weight, kv_bias)
+        return self.ln_win(kv.view(x.shape[0], x.shape[1], 2, -1))
+
+    def _landmarks(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Landmark K and V of every chunk of the parts (memory and segment compressed apart: chunks never straddle
+        them, and no copy of [memory; x]), through DualLN's second norm in one call: (B, L/c r, 2, H_local dh)."""
+        cfg = self.config
+        kv_weight, kv_bias = self._kv_weights()
+        compressed = [compress_landmarks_joint(copy_to_tensor_model_parallel_region(part), self.dproj.weight,
+                                               self.dproj.bias, kv_weight, kv_bias, heads=self.heads,
+                                               chunk=cfg.chunk_size, rank=cfg.chunk_rank) for part in parts]
+        return self.ln_lm(compressed[0] if len(compressed) == 1 else torch.cat(compressed, dim=1))
+
+    def _core(self, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, k_lm: torch.Tensor,
+              v_lm: torch.Tensor, M: int, heads: slice, impl: str | None, like: torch.Tensor) -> torch.Tensor:
+        """The long-short core on the heads ``heads`` of this TP rank's (all of them without SP): (B, h, N, dh)."""
+        cfg = self.config
+        w, c, r = cfg.window_size, cfg.chunk_size, cfg.chunk_rank
+        N = q.shape[2]
+        r_win = self.positions(self.r_win_net, w, like)[heads]
+        if self.use_landmarks:
+            n_dist = landmark_distance_rows((M + N) // c, cfg.max_landmark_distance)
+            r_lm = self.positions(self.r_lm_net, n_dist, like)[heads]
+        else:
+            r_lm = q.new_zeros(q.shape[1], 0, self.head_dim)
         p = cfg.attention_dropout if self.training else 0.0
         with tensor_parallel_rng():  # probabilities are head-sharded: per-rank dropout stream
-            out = long_short_attention(q, k_win, v_win, k_lm, v_lm, self.pos_bias_u, self.pos_bias_v, r_win, r_lm,
-                                       window=w, chunk=c, chunk_rank=r, mem_len=M, dropout_p=p,
-                                       impl=impl or cfg.attention_impl, recompute=self.recompute_core and self.training)
-        out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)
+            return long_short_attention(q, k_win, v_win, k_lm, v_lm, self.pos_bias_u[heads], self.pos_bias_v[heads],
+                                        r_win, r_lm, window=w, chunk=c, chunk_rank=r, mem_len=M, dropout_p=p,
+                                        impl=impl or cfg.attention_impl,
+                                        recompute=self.recompute_core and self.training)
+
+    def _forward_sequence_parallel(self, x: torch.Tensor, memory: torch.Tensor | None,
+                                   impl: str | None) -> torch.Tensor:
+        """DeepSpeed-Ulysses: projections, DualLN and landmark compression on this rank's tokens (whole chunks),
+        then one all-to-all per kind of tensor to the whole sequence of this rank's heads, the core, and back."""
+        cfg = self.config
+        K = sp_size()
+        B, n, D = x.shape
+        m = 0 if memory is None else memory.shape[1]
+        N, M = n * K, m * K
+        cfg.check_segment(N, M)
+        P = min(M, cfg.window_size - 1)
+
+        def per_head(kv: torch.Tensor) -> torch.Tensor:  # (B, L, 2, H dh) -> (B, L, H, 2 dh): [k | v] per head
+            return kv.view(B, kv.shape[1], 2, self.heads, self.head_dim).transpose(2, 3).reshape(
+                B, kv.shape[1], self.heads, 2 * self.head_dim)
+
+        def to_heads(t: torch.Tensor) -> torch.Tensor:  # (B, L/K, H, d) -> (B, H/K, L, d)
+            return sequence_to_heads(t).transpose(1, 2)
+
+        q_k_v = to_heads(torch.cat([self.query(x).view(B, n, self.heads, -1), per_head(self._window_kv(x))], -1))
+        q, k_win, v_win = q_k_v.split(self.head_dim, dim=-1)
+        if P:  # the window's keys before the segment: the memory's last P positions
+            kv_mem = to_heads(per_head(self._window_kv(memory)))
+            k_mem, v_mem = kv_mem[:, :, M - P:].split(self.head_dim, dim=-1)
+            k_win, v_win = torch.cat([k_mem, k_win], dim=2), torch.cat([v_mem, v_win], dim=2)
+        if self.use_landmarks:  # memory chunks' landmarks first, then the segment's, each in rank order
+            lms = [to_heads(per_head(self._landmarks([part]))) for part in ([memory] if m else []) + [x]]
+            k_lm, v_lm = torch.cat(lms, dim=2).split(self.head_dim, dim=-1)
+        else:
+            k_lm = v_lm = q.new_zeros(B, q.shape[1], 0, self.head_dim)
+        out = self._core(q.contiguous(), k_win.contiguous(), v_win.contiguous(), k_lm.contiguous(),
+                         v_lm.contiguous(), M, local_heads_slice(self.heads), impl, like=x)
+        out = heads_to_sequence(out.transpose(1, 2)).reshape(B, n, self.heads * self.head_dim)
         return self.dropout(self.dense(out))
 
 

@@ -25,6 +25,7 @@ from megatron_ls.model.memory import LaneMemory, update_memory
 from megatron_ls.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ls.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron_ls.parallel.recompute import checkpoint
+from megatron_ls.parallel.sequence import sp_size
 
 
 class EmbeddingPipe(nn.Module):
@@ -88,7 +89,7 @@ class TransformerLSLayerPipe(TransformerLSLayer):
         if mem is not None and mem.shape[0] != hidden.shape[0]:
             raise ValueError(f"layer {self.index}: memory of micro-batch {key} holds {mem.shape[0]} lanes, "
                              f"the input {hidden.shape[0]}; reset the memory when the batch layout changes")
-        self.lanes.put(key, self.index, update_memory(mem, hidden, self.mem_length))
+        self.lanes.put(key, self.index, update_memory(mem, hidden, self.mem_length // sp_size()))
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
             out = checkpoint(self._layer, hidden, mem)
         else:

@@ -28,6 +28,9 @@ class _State:
     pp_group: object = None
     dp_group: object = None
     pp_ranks: tuple = ()  # global ranks of this rank's pipeline, first stage first
+    sp: int = 1
+    sp_group: object = None
+    sd_group: object = None  # DP x SP: the ranks with the same weights
     layout: ParallelLayout | None = None
     initialized: bool = False
 
@@ -46,7 +49,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
         layout = ParallelLayout(world, tensor_model_parallel_size, pipeline_model_parallel_size)
     elif layout.world_size != world:
         raise ParallelConfigError(f"the layout is for {layout.world_size} ranks, torch.distributed has {world}")
-    state = _State(tp=layout.tp, pp=layout.pp, dp=layout.dp, layout=layout)
+    state = _State(tp=layout.tp, pp=layout.pp, dp=layout.dp, sp=layout.sp, layout=layout)
     # new_group must be called by every rank for every group, in the same order.
     for ranks in layout.tp_groups():
         group = dist.new_group(ranks)
@@ -60,6 +63,16 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
         group = dist.new_group(ranks)
         if rank in ranks:
             state.pp_group, state.pp_ranks = group, tuple(ranks)
+    state.sd_group = state.dp_group
+    if layout.sp > 1:
+        for ranks in layout.sp_groups():
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                state.sp_group = group
+        for ranks in layout.sequence_data_groups():
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                state.sd_group = group
     state.initialized = True
     global _STATE
     _STATE = state
@@ -130,6 +143,32 @@ def get_data_parallel_rank() -> int:
 
 def get_data_parallel_group() -> object:
     return _STATE.dp_group
+
+
+# Sequence parallel (DeepSpeed-Ulysses' names, which DeepSpeed's engine and ZeRO call) -----
+def get_sequence_parallel_world_size() -> int:
+    return _STATE.sp
+
+
+def get_sequence_parallel_rank() -> int:
+    return _rank_in(_STATE.sp_group, _STATE.sp)
+
+
+def get_sequence_parallel_group() -> object:
+    return _STATE.sp_group
+
+
+def get_sequence_data_parallel_world_size() -> int:
+    return _STATE.dp * _STATE.sp
+
+
+def get_sequence_data_parallel_rank() -> int:
+    return _rank_in(_STATE.sd_group, _STATE.dp * _STATE.sp)
+
+
+def get_sequence_data_parallel_group() -> object:
+    """DP x SP: gradients reduce and ZeRO shards over it."""
+    return _STATE.sd_group
 
 
 # The names DeepSpeed calls ("model parallel" = tensor parallel in Megatron-DeepSpeed) ----

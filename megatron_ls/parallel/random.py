@@ -18,6 +18,7 @@ from megatron_ls.parallel import mpu
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"
 _TP_SEED_OFFSET = 2718  # DeepSpeed's and Megatron's offset, kept for bitwise parity with them
+_SP_SEED_OFFSET = 1_000_003
 
 
 class _LocalTracker:
@@ -71,7 +72,18 @@ def model_parallel_seed(seed: int) -> None:
         torch.cuda.manual_seed(seed)
     tracker = get_rng_tracker()
     tracker.reset()
-    tracker.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + mpu.get_tensor_model_parallel_rank())
+    # One stream per holder of a share of the heads: TP ranks, and within them the SP ranks after the all-to-all
+    # (so SP=K on one TP rank draws the attention dropout TP=K would).
+    share = mpu.get_tensor_model_parallel_rank() * mpu.get_sequence_parallel_world_size() \
+        + mpu.get_sequence_parallel_rank()
+    tracker.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + share)
+
+
+def sequence_parallel_seed(seed: int) -> None:
+    """After the model is built (every rank the same weights): a default stream of its own per SP rank, whose
+    dropout acts on its own slice of the tokens. Nothing changes without sequence parallelism."""
+    if mpu.get_sequence_parallel_world_size() > 1:
+        torch.manual_seed(seed + _SP_SEED_OFFSET + mpu.get_sequence_parallel_rank())
 
 
 def tensor_parallel_rng() -> contextlib.AbstractContextManager:

@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="ranks that split each layer's heads")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="pipeline stages")
+    g.add_argument("--sequence-parallel-size", type=int, default=1,
+                   help="ranks that split one segment's tokens (DeepSpeed-Ulysses: the attention core runs on the "
+                        "whole sequence of 1/K of the heads); --seq-length must be a multiple of K x --chunk-size")
     g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help=_default(RUN_DEFAULTS["zero_stage"]))
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute each layer in the backward (less memory, more compute)")
@@ -252,8 +255,10 @@ def finalize_args(args: argparse.Namespace, world_size: int | None = None) -> ar
 
     # The layout's degrees and rules (the ZeRO stage joins once the DeepSpeed JSON is read: finalize_run_args).
     args.layout = ParallelLayout.build(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                       num_attention_heads=model["num_attention_heads"],
+                                       sp=args.sequence_parallel_size, num_attention_heads=model["num_attention_heads"],
                                        ffn_hidden_size=model["ffn_hidden_size"], num_layers=model["num_layers"])
+    if args.sequence_parallel_size > 1:
+        _check_sequence_parallel(args.sequence_parallel_size, model, args.seq_length)
     args.data_parallel_size = args.layout.dp
 
     if args.device_memory_gib is not None and args.device_memory_gib <= 0:
@@ -318,6 +323,23 @@ def finalize_run_args(args: argparse.Namespace) -> argparse.Namespace:
                           "--fp16")
     args.layout = dataclasses.replace(args.layout, zero_stage=args.zero_stage)  # checks ZeRO x pipelines
     return args
+
+
+def _check_sequence_parallel(sp: int, model: dict, seq_length: int) -> None:
+    """What splitting one segment over ``sp`` ranks needs besides the layout's rules (parallel/layout.py)."""
+    chunk = model["chunk_size"]
+    if seq_length % (sp * chunk):
+        raise ConfigError(f"--sequence-parallel-size ({sp}) must divide the chunks of a segment: --seq-length "
+                          f"({seq_length}) / --chunk-size ({chunk}) = {seq_length / chunk:g} chunks")
+    if model["mem_length"] not in (0, seq_length):
+        raise ConfigError(f"--sequence-parallel-size needs --mem-length 0 or equal to --seq-length ({seq_length}), "
+                          f"got {model['mem_length']}: each rank then keeps the memory of its own slice of the tokens")
+    if model.get("attention_impl") == "reference":
+        raise ConfigError("--sequence-parallel-size does not run the 'reference' attention (dense scores, the test "
+                          "oracle): use --attention-impl blocked, fused or auto")
+    if model.get("attention_type") == "full":
+        raise ConfigError("--sequence-parallel-size is for the long-short and window attention, not "
+                          "--attention-type full")
 
 
 def _check_model(model: dict, seq_length: int) -> None:

@@ -26,8 +26,9 @@ from megatron_ls.model.long_short_attention import set_selective_recompute
 from megatron_ls.model.memory import LaneMemory
 from megatron_ls.parallel import mpu
 from megatron_ls.parallel.layout import ParallelLayout
-from megatron_ls.parallel.random import model_parallel_seed
+from megatron_ls.parallel.random import model_parallel_seed, sequence_parallel_seed
 from megatron_ls.parallel.recompute import configure_activation_checkpointing
+from megatron_ls.parallel.sequence import local_tokens, sp_rank
 from megatron_ls.training.checkpointing import agree_on_checkpoint
 from megatron_ls.training.distributed import Layout
 from megatron_ls.training.finetune import copy_weights
@@ -135,7 +136,8 @@ class TrainEngine:
         update_skipped then tells whether the optimizer step was skipped (non-finite gradients).
         """
         self._check_batch(inputs, targets, self.micro_batch_size * self.grad_accum_steps, "train_step")
-        inputs, targets = inputs.to(self.layout.device), targets.to(self.layout.device)
+        # Every SP rank of a lane set gets the lanes' whole segment and keeps its own slice of the tokens.
+        inputs, targets = local_tokens(inputs.to(self.layout.device)), local_tokens(targets.to(self.layout.device))
         self._lr = float(self.engine.get_lr()[0])
         self._grad_norm = None
         skipped_before = self.engine.skipped_steps
@@ -164,18 +166,21 @@ class TrainEngine:
         self.engine.train()
         total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
         mb = self.micro_batch_size
+        sp = self.layout.parallel.sp
         for i in range(self.grad_accum_steps):
             rows = slice(i * mb, (i + 1) * mb)
             nats, new_memory = self.engine(inputs[rows], memory=self._lane_memory(TRAIN, i, mb), labels=targets[rows])
             self.lanes.put_layers(TRAIN, i, new_memory)
             loss = nats.mean()
-            self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+            # DeepSpeed sums gradients over the SP ranks (and averages over DP): each holds 1/sp of the tokens.
+            self.engine.backward(loss / sp if sp > 1 else loss)  # DeepSpeed divides by the accumulation steps
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             total += loss.detach().double()
         total /= self.grad_accum_steps
-        if self.layout.dp > 1:
-            dist.all_reduce(total, group=mpu.get_data_parallel_group())
-            total /= self.layout.dp
+        replicas = self.layout.dp * sp
+        if replicas > 1:
+            dist.all_reduce(total, group=mpu.get_sequence_data_parallel_group())
+            total /= replicas
         return float(total)
 
     def _lane_memory(self, stream: str, lane_set: int, rows: int) -> list[torch.Tensor] | None:
@@ -196,19 +201,21 @@ class TrainEngine:
             raise ValueError(f"eval_step: inputs and targets must both be (lanes, N), got {tuple(inputs.shape)} "
                              f"and {tuple(targets.shape)}")
         n = inputs.shape[1]
-        chunk = self.config.chunk_size
-        inputs = pad_to_chunks(inputs.to(self.layout.device), chunk)
-        targets = pad_to_chunks(targets.to(self.layout.device), chunk)
+        sp = self.layout.parallel.sp
+        chunk = self.config.chunk_size * sp  # whole chunks on every SP rank
+        inputs = local_tokens(pad_to_chunks(inputs.to(self.layout.device), chunk))
+        targets = local_tokens(pad_to_chunks(targets.to(self.layout.device), chunk))
+        n_local = min(max(n - sp_rank() * inputs.shape[1], 0), inputs.shape[1])  # this rank's real targets
         lanes = inputs.shape[0]
         mb = self.micro_batch_size if lanes % self.micro_batch_size == 0 else lanes
         if self.pipelined:
-            sums = self._eval_step_pipelined(inputs, targets, mb, n)
+            sums = self._eval_step_pipelined(inputs, targets, mb, n_local)
         else:
-            sums = self._eval_step_local(inputs, targets, mb, n)
+            sums = self._eval_step_local(inputs, targets, mb, n_local)
         if n % chunk:
             self.reset_memory(EVAL)  # it holds the padding: no segment can follow this one
-        if self.layout.dp > 1:
-            dist.all_reduce(sums, group=mpu.get_data_parallel_group())
+        if self.layout.dp * sp > 1:
+            dist.all_reduce(sums, group=mpu.get_sequence_data_parallel_group())
         return float(sums[0]), int(sums[1])
 
     def _eval_step_local(self, inputs: torch.Tensor, targets: torch.Tensor, mb: int, n: int) -> torch.Tensor:
@@ -399,13 +406,18 @@ def build_engine(config: TransformerLSConfig, ds_config: dict[str, Any], layout:
     if layout.pp > 1:
         from megatron_ls.model.pipeline import TransformerLSPipe, build_topology
 
-        model = TransformerLSPipe(config, build_topology(layout.pp, layout.tp, layout.dp),
+        # The grid's data axis is DP x SP (the ranks with the same weights; ours orders SP inside DP, as the grid
+        # does), so DeepSpeed counts every SP rank as a data-parallel one: its batch bookkeeping follows.
+        model = TransformerLSPipe(config, build_topology(layout.pp, layout.tp, layout.dp * layout.parallel.sp),
                                   checkpoint_activations=checkpoint_activations)
         mpu_arg = None  # DeepSpeed takes the PipelineModule's grid (same rank order as our mpu)
+        if layout.parallel.sp > 1:
+            ds_config["train_batch_size"] = micro * gas * layout.dp * layout.parallel.sp
     else:
         model = TransformerLSLM(config)
         model.checkpoint_activations = checkpoint_activations
         mpu_arg = mpu
+    sequence_parallel_seed(seed)  # the weights are built: each SP rank's own dropout stream from here
     set_selective_recompute(model, recompute_attention)
     if initial_weights is not None:  # --finetune: before DeepSpeed partitions (ZeRO-3) or copies (fp32 masters) them
         agree_on_checkpoint(lambda: copy_weights(model, initial_weights, config, layout.tp, layout.tp_rank,
