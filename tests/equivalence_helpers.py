@@ -145,7 +145,8 @@ def train_and_record(rank: int, world: int, out_dir: str, tp: int, pp: int, plan
         def factory(plan=plan):
             extra = {"bf16": {"enabled": True}} if plan.get("bf16") else {}
             return build_engine(config, ds_config(plan.get("zero", 0), micro, layout.dp, **extra), layout, seed=SEED,
-                                checkpoint_activations=plan.get("ckpt", False))
+                                checkpoint_activations=plan.get("ckpt", False),
+                                recompute_attention=plan.get("selective", False))
 
         results.append(_run(factory, layout, plan, out_dir))
     torch.save({"layout": dict(tp=layout.tp, pp=layout.pp, dp=layout.dp, sp=sp, pp_rank=layout.pp_rank,

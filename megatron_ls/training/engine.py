@@ -64,7 +64,8 @@ def _param_groups(module: torch.nn.Module) -> list[dict[str, Any]]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if p.dim() < 2 else decay).append(p)
+        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partitioned parameter holds an empty tensor
+        (no_decay if len(shape) < 2 else decay).append(p)
     groups = [{"params": decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -167,13 +168,13 @@ class TrainEngine:
         total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
         mb = self.micro_batch_size
         sp = self.layout.parallel.sp
+        divisor = self._sp_loss_divisor()
         for i in range(self.grad_accum_steps):
             rows = slice(i * mb, (i + 1) * mb)
             nats, new_memory = self.engine(inputs[rows], memory=self._lane_memory(TRAIN, i, mb), labels=targets[rows])
             self.lanes.put_layers(TRAIN, i, new_memory)
             loss = nats.mean()
-            # DeepSpeed sums gradients over the SP ranks (and averages over DP): each holds 1/sp of the tokens.
-            self.engine.backward(loss / sp if sp > 1 else loss)  # DeepSpeed divides by the accumulation steps
+            self.engine.backward(loss / divisor if divisor > 1 else loss)  # DeepSpeed divides by the accumulation
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             total += loss.detach().double()
         total /= self.grad_accum_steps
@@ -182,6 +183,16 @@ class TrainEngine:
             dist.all_reduce(total, group=mpu.get_sequence_data_parallel_group())
             total /= replicas
         return float(total)
+
+    def _sp_loss_divisor(self) -> int:
+        """What this rank's mean loss is divided by so that DeepSpeed's reduction over DP x SP yields the gradient of
+        the mean over every token. Each SP rank holds 1/sp of a segment's tokens. DeepSpeed 0.19.8 sums gradients over
+        the SP ranks (averaging over DP only) in its all-reduce paths (ZeRO 0-2, ZeRO 3 without reduce-scatter), but
+        its ZeRO-3 reduce-scatter averages over DP x SP: there the local mean is already right."""
+        sp = self.layout.parallel.sp
+        if sp == 1 or (self.engine.zero_optimization_stage() == 3 and self.engine.zero_reduce_scatter()):
+            return 1
+        return sp
 
     def _lane_memory(self, stream: str, lane_set: int, rows: int) -> list[torch.Tensor] | None:
         memory = self.lanes.layers(stream, lane_set, self.config.num_layers)
@@ -423,6 +434,12 @@ def build_engine(config: TransformerLSConfig, ds_config: dict[str, Any], layout:
         agree_on_checkpoint(lambda: copy_weights(model, initial_weights, config, layout.tp, layout.tp_rank,
                                                  layout.pp > 1), "copying the --finetune weights")
     model.to(layout.device)
+    if layout.parallel.sp > 1 and int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3:
+        # DeepSpeed would partition the parameters over the DP group it asks mpu for; with SP they are shared by
+        # DP x SP ranks, over which its reduce-scatter must run: partition them there first (as DeepSpeed-Ulysses'
+        # users do with zero.Init(data_parallel_group=...)).
+        deepspeed.zero.Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(),
+                            config_dict_or_path=ds_config, mpu=mpu)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model), config=ds_config,
                                               mpu=mpu_arg)
     start_at_first_update(ds_engine.lr_scheduler)
