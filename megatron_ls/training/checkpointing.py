@@ -265,11 +265,11 @@ def check_compatible(info: dict[str, Any], model: dict[str, Any], run: dict[str,
     if finetune:
         return  # --finetune reads the weights into any layout (training/finetune.py)
     layout = info.get("layout", {})
-    for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        if k in layout and layout[k] != run[k]:
-            raise CheckpointError(f"checkpoint {path} was saved with --{k.replace('_', '-')} {layout[k]}, "
-                                  f"this run has {run[k]}: an exact resume needs the same layout; use --finetune "
-                                  "to start a new phase from its weights")
+    for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel_size"):
+        if layout.get(k, 1) != run.get(k, 1):
+            raise CheckpointError(f"checkpoint {path} was saved with --{k.replace('_', '-')} {layout.get(k, 1)}, "
+                                  f"this run has {run.get(k, 1)}: an exact resume needs the same layout; use "
+                                  "--finetune to start a new phase from its weights")
     if info.get("world_size") != run["world_size"]:
         raise CheckpointError(f"checkpoint {path} was saved by {info.get('world_size')} processes, this run has "
                               f"{run['world_size']}: resume with the same layout, or start a phase with --finetune")

@@ -66,11 +66,13 @@ class TrainingLayout:
     def as_dict(self) -> dict:
         """Flat: the degrees beside the other fields (what bench/memory.py tabulates)."""
         out = {k: v for k, v in self.__dict__.items() if k != "parallel"}
-        return {**out, "tp": self.tp, "pp": self.pp, "dp": self.dp, "zero_stage": self.zero_stage}
+        return {**out, "tp": self.tp, "pp": self.pp, "dp": self.dp, "sp": self.parallel.sp,
+                "zero_stage": self.zero_stage}
 
     def describe(self) -> str:
         ckpt = " ckpt" if self.checkpoint_activations else " selective" if self.recompute_attention else ""
-        return (f"TP{self.tp} PP{self.pp} DP{self.dp} ZeRO-{self.zero_stage}{ckpt} micro {self.micro_batch_size}"
+        sp = f" SP{self.parallel.sp}" if self.parallel.sp > 1 else ""
+        return (f"TP{self.tp}{sp} PP{self.pp} DP{self.dp} ZeRO-{self.zero_stage}{ckpt} micro {self.micro_batch_size}"
                 f" x{self.grad_accum_steps} {self.precision}")
 
 
@@ -314,6 +316,26 @@ def layer_activation_bytes(config: TransformerLSConfig, B: int, N: int, M: int, 
     return a
 
 
+def sequence_parallel_layer_bytes(config: TransformerLSConfig, B: int, N: int, M: int, tp: int, sp: int,
+                                  precision: str, attention_impl: str, device: str,
+                                  recompute_attention: bool) -> dict[str, int]:
+    """A layer's saved bytes under sequence parallelism (K = sp ranks, DeepSpeed-Ulysses): everything but the core
+    holds N/K tokens (and M/K of memory); the core holds the whole sequence of 1/K of the heads, plus the exchanged
+    q / k / v / landmark tensors in head layout."""
+    args = (precision, attention_impl, device, recompute_attention)
+    if sp == 1:
+        return layer_activation_bytes(config, B, N, M, tp, *args)
+    token = layer_activation_bytes(config, B, N // sp, M // sp, tp, *args)
+    heads = layer_activation_bytes(config, B, N, M, tp * sp, *args)
+    core = {k: v for k, v in heads.items() if k.startswith("core")}
+    out = {k: v for k, v in token.items() if not k.startswith("core")} | core
+    s = DTYPE_BYTES[precision]
+    P, Dk = min(M, config.window_size - 1), config.hidden_size // (tp * sp)
+    lm = (M + N) // config.chunk_size * config.chunk_rank if config.attention_type == "long-short" else 0
+    out["sp_exchanged"] = B * (3 * N + 2 * P + 2 * lm) * Dk * s + B * N * Dk * s  # in: q k v, memory k v, landmarks
+    return out
+
+
 def head_activation_bytes(config: TransformerLSConfig, B: int, N: int, tp: int, precision: str,
                           first: bool, last: bool, device: str = "cuda") -> dict[str, int]:
     """Embedding (first stage) and final norm + logits + loss (last stage) saved tensors."""
@@ -348,31 +370,32 @@ def estimate_memory(config: TransformerLSConfig, seq_length: int, mem_length: in
                     layout: TrainingLayout) -> MemoryEstimate:
     """Peak bytes per GPU of training `config` on segments of `seq_length` tokens with `mem_length` of memory."""
     M = config.mem_length if mem_length is None else mem_length
-    N, B, tp, pp = seq_length, layout.micro_batch_size, layout.tp, layout.pp
+    N, B, tp, pp, sp = seq_length, layout.micro_batch_size, layout.tp, layout.pp, layout.parallel.sp
     s = DTYPE_BYTES[layout.precision]
     selective = layout.recompute_attention and layout.attention_impl == "blocked" and config.attention_type != "full"
-    layer = layer_activation_bytes(config, B, N, M, tp, layout.precision, layout.attention_impl, layout.device,
-                                   selective)
+    layer = sequence_parallel_layer_bytes(config, B, N, M, tp, sp, layout.precision, layout.attention_impl,
+                                          layout.device, selective)
+    n_loc, m_loc, h_core = N // sp, M // sp, config.num_attention_heads // (tp * sp)  # per-rank tokens, core heads
     layer_total = sum(layer.values())
     best = None
     for stage, (n_layers, n_params) in enumerate(zip(stage_layers(config.num_layers, pp),
                                                      stage_parameters(config, tp, pp))):
         first, last = stage == 0, stage == pp - 1
-        head = head_activation_bytes(config, B, N, tp, layout.precision, first, last, layout.device)
+        head = head_activation_bytes(config, B, n_loc, tp, layout.precision, first, last, layout.device)
         in_flight = min(pp - stage, layout.grad_accum_steps) if pp > 1 else 1
         if layout.checkpoint_activations:
-            per_micro = n_layers * B * N * config.hidden_size * s + sum(head.values())
+            per_micro = n_layers * B * n_loc * config.hidden_size * s + sum(head.values())
             activations = per_micro * in_flight + layer_total  # inputs kept, one layer recomputed
         else:
             activations = (n_layers * layer_total + sum(head.values())) * in_flight
         params, grads, optimizer = state_bytes(n_params, layout)
-        cache = n_layers * (layout.grad_accum_steps + 1) * B * M * config.hidden_size * s if M else 0
-        workspace = layer_total + (loss_workspace_bytes(config, B, N, tp, s) if last else 0)
+        cache = n_layers * (layout.grad_accum_steps + 1) * B * m_loc * config.hidden_size * s if M else 0
+        workspace = layer_total + (loss_workspace_bytes(config, B, n_loc, tp, s) if last else 0)
         if selective:  # one group's scores and probabilities, rebuilt in the backward
-            workspace += blocked_recompute_workspace(B, N, M, config.num_attention_heads // tp,
+            workspace += blocked_recompute_workspace(B, N, M, h_core,
                                                      config.hidden_size // config.num_attention_heads, config, s)
         if layout.attention_impl == "fused-table":  # the table and its gradient, both in the compute dtype
-            workspace += 2 * B * (config.num_attention_heads // tp) * N * config.window_size * s
+            workspace += 2 * B * h_core * N * config.window_size * s
         est = MemoryEstimate(params=params, grads=grads, optimizer=optimizer,
                              buffers=buffer_bytes(config, layout, n_params), activations=activations,
                              memory_cache=cache, workspace=workspace, stage=stage, layers_on_stage=n_layers,
