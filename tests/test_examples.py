@@ -103,3 +103,19 @@ def test_hostfile_example_is_deepspeed_syntax():
     hosts = [line.split() for line in open(os.path.join(ROOT, "examples", "hostfile")).read().splitlines()
              if line.strip() and not line.startswith("#")]
     assert hosts and all(len(h) == 2 and re.fullmatch(r"slots=\d+", h[1]) for h in hosts), hosts
+
+
+def test_long_context_recipe_parses_on_eight_gpus(tmp_path):
+    """examples/long_context.sh through a recorder: 256K-token segments split 8 ways, a valid 8-GPU layout."""
+    record = tmp_path / "calls"
+    recorder = tmp_path / "launch.sh"
+    recorder.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "{record}"\n')
+    env = dict(os.environ, LAUNCH=f"bash {recorder}", OUT=str(tmp_path / "runs"), DATA=str(tmp_path / "data"))
+    r = subprocess.run(["bash", os.path.join(ROOT, "examples", "long_context.sh")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    argv = record.read_text().strip("\0").split("\0")[1:]  # drop the script path
+    args = finalize_args(parse_args(argv), world_size=8)
+    build_ds_config(args, on_cpu=False)
+    assert args.seq_length == 262144 and args.model["mem_length"] == 262144
+    assert (args.layout.sp, args.layout.dp, args.layout.tp) == (8, 1, 1)
