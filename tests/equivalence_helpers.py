@@ -133,13 +133,14 @@ def _run(engine_factory, layout, plan: dict[str, Any], out_dir: str) -> dict[str
 
 
 def train_and_record(rank: int, world: int, out_dir: str, tp: int, pp: int, plans: list[dict[str, Any]],
-                     config_overrides: dict | None = None, micro: int = 1, sp: int = 1) -> None:
+                     config_overrides: dict | None = None, micro: int = 1, sp: int = 1,
+                     sequence_parallel: bool = False) -> None:
     """Run each plan ({"zero": stage, "ckpt": bool, "evals": bool, ...}) in this process group; save the results."""
     from megatron_ls.training.distributed import init_distributed, layout_for
     from megatron_ls.training.engine import build_engine
 
     config = tiny_config(**(config_overrides or {}))
-    layout = init_distributed(layout=layout_for(world, tp, pp, config, sp=sp))
+    layout = init_distributed(layout=layout_for(world, tp, pp, config, sp=sp, sequence_parallel=sequence_parallel))
     results = []
     for plan in plans:
         def factory(plan=plan):

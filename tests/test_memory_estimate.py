@@ -303,3 +303,16 @@ def test_cpu_profiler_peak_sees_a_known_allocation():
     peak = bench.cpu_peak_bytes(step)
     assert 80 * 2**20 <= peak < 81 * 2**20, peak / 2**20
 
+
+
+def test_sequence_parallelism_lowers_the_estimate():
+    """Ulysses (--sequence-parallel-size) divides the tokens of every rank; Megatron's (--sequence-parallel) those
+    of the residual stream within TP."""
+    cfg = TransformerLSConfig.from_preset("enwik8-12l", attention_impl="fused")
+
+    def total(**degrees) -> int:
+        layout = TrainingLayout(parallel=ParallelLayout(8, **degrees), precision="bf16", attention_impl="fused")
+        return estimate_memory(cfg, 32768, 32768, layout).total
+
+    assert total(sp=8) < total(sp=2) < total()
+    assert total(tp=2, sequence_parallel=True) < total(tp=2)

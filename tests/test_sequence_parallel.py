@@ -75,3 +75,14 @@ def test_sequence_parallel_with_the_fused_kernels(tmp_path):
     ranks = _spawn(tmp_path / "sp", 2, 1, 1, 2, [TRAIN_EVAL], timeout=560,
                    config_overrides={**wide, "attention_impl": "fused"})
     assert_same_training(base, ranks, 0)
+
+
+@pytest.mark.timeout(300)
+def test_megatron_sequence_parallel_inside_tensor_parallelism(baseline, tmp_path):
+    """--sequence-parallel: the residual stream split within TP=2; the numbers of TP alone (= one process)."""
+    plans = [{**TRAIN_EVAL, "memory_roundtrip": True}, {"zero": 1, "evals": True, "ckpt": True},
+             {"zero": 3, "evals": True}, {"bf16": True, "evals": True, "grads": False}]
+    ranks = _spawn(tmp_path, 2, 2, 1, 1, plans, timeout=280, sequence_parallel=True)
+    for run in range(3):
+        assert_same_training(baseline, ranks, run)
+    assert_bf16_close(baseline, ranks, 3)

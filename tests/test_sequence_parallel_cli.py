@@ -52,6 +52,7 @@ def test_a_sequence_parallel_run_resumes_exactly_and_its_checkpoint_is_read(data
                                                                           "rank (1)"),
     (["--attention-impl", "reference"], "does not run the 'reference' attention"),
     (["--mem-length", "16"], "needs --mem-length 0 or equal to --seq-length"),
+    (["--sequence-parallel"], "--sequence-parallel splits the tokens within the tensor-parallel group: it needs"),
 ])
 def test_bad_combinations_are_one_line_on_every_rank(data, extra, message):
     world = 4 if "--tensor-model-parallel-size" in extra else 2

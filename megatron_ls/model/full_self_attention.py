@@ -15,6 +15,7 @@ from megatron_ls.model.init import local_heads, output_init
 from megatron_ls.model.positions import rotary
 from megatron_ls.parallel.layers import ColumnParallelLinear, RowParallelLinear, normal_init
 from megatron_ls.parallel.random import tensor_parallel_rng
+from megatron_ls.parallel.tensor_sequence import residual_dropout
 
 
 class FullSelfAttention(nn.Module):
@@ -48,4 +49,4 @@ class FullSelfAttention(nn.Module):
         with tensor_parallel_rng():
             out = self.core(q, k, v, dropout_p=p)
         out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)
-        return self.dropout(self.dense(out))
+        return residual_dropout(self.dropout, self.dense(out))

@@ -17,6 +17,7 @@ from megatron_ls.model.attention.common import neg_value
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.parallel import mpu
 from megatron_ls.parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron_ls.parallel.tensor_sequence import residual_dropout, split_along_sequence
 
 
 class VocabPartition:
@@ -30,7 +31,8 @@ class VocabPartition:
 
 
 def embed(embedding: nn.Module, dropout: nn.Module, tokens: torch.Tensor, hidden_size: int) -> torch.Tensor:
-    return dropout(embedding(tokens) * math.sqrt(hidden_size))
+    """Scaled embeddings, dropped out; under Megatron's sequence parallelism this TP rank's slice of the tokens."""
+    return residual_dropout(dropout, split_along_sequence(embedding(tokens) * math.sqrt(hidden_size)))
 
 
 def logits_local(hidden: torch.Tensor, weight: torch.Tensor, part: VocabPartition) -> torch.Tensor:

@@ -17,12 +17,18 @@ from megatron_ls.model.init import unpadded_init
 from megatron_ls.model.layer import TransformerLSLayer
 from megatron_ls.model.memory import update_memory
 from megatron_ls.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_ls.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, normal_init
+from megatron_ls.parallel.layers import (
+    ColumnParallelLinear,
+    SequenceParallelLayerNorm,
+    VocabParallelEmbedding,
+    normal_init,
+)
 from megatron_ls.parallel.mappings import (
     gather_from_tensor_model_parallel_region,
 )
 from megatron_ls.parallel.recompute import checkpoint
 from megatron_ls.parallel.sequence import sp_size
+from megatron_ls.parallel.tensor_sequence import gather_along_sequence, gather_without_grad
 
 Memory = list[torch.Tensor]
 
@@ -45,7 +51,7 @@ class TransformerLSLM(nn.Module):
         self.embedding = VocabParallelEmbedding(self.vocab.padded_vocab_size, config.hidden_size, init_method=init)
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(TransformerLSLayer(config) for _ in range(config.num_layers))
-        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.final_norm = SequenceParallelLayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.output = None
         if not config.tie_embeddings:
             self.output = ColumnParallelLinear(config.hidden_size, self.vocab.padded_vocab_size, bias=False,
@@ -78,12 +84,12 @@ class TransformerLSLM(nn.Module):
         h = self.embed(tokens)
         new_memory = []
         for layer, mem in zip(self.layers, memory):
-            new_memory.append(update_memory(mem, h, cfg.mem_length // sp_size()))
+            new_memory.append(update_memory(mem, gather_without_grad(h), cfg.mem_length // sp_size()))
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
                 h = checkpoint(layer, h, mem)
             else:
                 h = layer(h, mem)
-        return self.final_norm(h), new_memory
+        return gather_along_sequence(self.final_norm(h)), new_memory
 
     # ---- the usual entry point --------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, memory: Memory | None = None,

@@ -27,6 +27,7 @@ from megatron_ls.parallel.layers import (
 from megatron_ls.parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron_ls.parallel.random import tensor_parallel_rng
 from megatron_ls.parallel.sequence import heads_to_sequence, local_heads_slice, sequence_to_heads, sp_size
+from megatron_ls.parallel.tensor_sequence import residual_dropout
 
 
 class LongShortSelfAttention(nn.Module):
@@ -86,7 +87,7 @@ class LongShortSelfAttention(nn.Module):
             k_lm = v_lm = q.new_zeros(B, self.heads, 0, self.head_dim)
         out = self._core(q, k_win, v_win, k_lm, v_lm, M, slice(None), impl, like=x)
         out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)
-        return self.dropout(self.dense(out))
+        return residual_dropout(self.dropout, self.dense(out))
 
     def _kv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat([self.key.weight, self.value.weight]), torch.cat([self.key.bias, self.value.bias])
@@ -160,7 +161,7 @@ class LongShortSelfAttention(nn.Module):
         out = self._core(q.contiguous(), k_win.contiguous(), v_win.contiguous(), k_lm.contiguous(),
                          v_lm.contiguous(), M, local_heads_slice(self.heads), impl, like=x)
         out = heads_to_sequence(out.transpose(1, 2)).reshape(B, n, self.heads * self.head_dim)
-        return self.dropout(self.dense(out))
+        return residual_dropout(self.dropout, self.dense(out))
 
 
 def set_selective_recompute(model: nn.Module, on: bool) -> None:

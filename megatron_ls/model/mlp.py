@@ -13,6 +13,7 @@ from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.init import output_init
 from megatron_ls.parallel.layers import ColumnParallelLinear, RowParallelLinear, normal_init
 from megatron_ls.parallel.random import tensor_parallel_rng
+from megatron_ls.parallel.tensor_sequence import residual_dropout
 
 
 class MLP(nn.Module):
@@ -33,4 +34,4 @@ class MLP(nn.Module):
         # As in the official model, dropout after the activation too; it is sharded across TP ranks.
         with tensor_parallel_rng():
             h = self.dropout(h)
-        return self.dropout(self.fc2(h))
+        return residual_dropout(self.dropout, self.fc2(h))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ls.parallel import mpu
+from megatron_ls.parallel import mpu, tensor_sequence
 from megatron_ls.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
@@ -92,8 +92,22 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(output_size)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tensor_sequence.enabled():  # leave the TP region with this rank's tokens of the sum
+            y = tensor_sequence.reduce_scatter_along_sequence(F.linear(x, self.weight))
+            return y + tensor_sequence.shared(self.bias) if self.bias is not None else y
         y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
+
+
+class SequenceParallelLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that, under Megatron's sequence parallelism, sums its parameters' gradients over the TP group
+    (each rank normalises only its own tokens). Otherwise exactly nn.LayerNorm (same parameters, same names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not tensor_sequence.enabled():
+            return super().forward(x)
+        return F.layer_norm(x, self.normalized_shape, tensor_sequence.shared(self.weight),
+                            tensor_sequence.shared(self.bias), self.eps)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -38,6 +38,7 @@ class ParallelLayout:
     pp: int = 1
     zero_stage: int = 0
     sp: int = 1
+    sequence_parallel: bool = False  # Megatron's: the residual stream split along the sequence within TP
     dp: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +50,10 @@ class ParallelLayout:
             what = f" x --sequence-parallel-size ({sp})" if sp > 1 else ""
             raise ParallelConfigError(f"world size {self.world_size} is not divisible by --tensor-model-parallel-size "
                                       f"({tp}) x --pipeline-model-parallel-size ({pp}){what}")
+        if self.sequence_parallel and (tp == 1 or pp > 1 or sp > 1):
+            raise ParallelConfigError("--sequence-parallel splits the tokens within the tensor-parallel group: it "
+                                      "needs --tensor-model-parallel-size > 1, and runs without pipeline parallelism "
+                                      "and without --sequence-parallel-size")
         if pp > 1 and self.zero_stage > 1:
             raise ParallelConfigError(f"--zero-stage {self.zero_stage} cannot be used with pipeline parallelism "
                                       "(DeepSpeed's pipeline engine supports ZeRO stage 0 or 1)")
@@ -56,10 +61,10 @@ class ParallelLayout:
 
     @classmethod
     def build(cls, world_size: int, tp: int = 1, pp: int = 1, zero_stage: int = 0, sp: int = 1, *,
-              num_attention_heads: int | None = None, ffn_hidden_size: int | None = None,
-              num_layers: int | None = None) -> ParallelLayout:
+              sequence_parallel: bool = False, num_attention_heads: int | None = None,
+              ffn_hidden_size: int | None = None, num_layers: int | None = None) -> ParallelLayout:
         """The layout, with the model's rules checked too when its sizes are given."""
-        layout = cls(world_size, tp, pp, zero_stage, sp)
+        layout = cls(world_size, tp, pp, zero_stage, sp, sequence_parallel)
         if num_attention_heads is not None and num_attention_heads % tp:
             raise ParallelConfigError(f"--tensor-model-parallel-size ({tp}) must divide --num-attention-heads "
                                       f"({num_attention_heads}): tensor parallelism splits heads")
@@ -118,8 +123,10 @@ class ParallelLayout:
     def to_dict(self) -> dict[str, int]:
         """What checkpoints record (the names of the flags)."""
         return {"tensor_model_parallel_size": self.tp, "pipeline_model_parallel_size": self.pp,
-                "data_parallel_size": self.dp, "sequence_parallel_size": self.sp}
+                "data_parallel_size": self.dp, "sequence_parallel_size": self.sp,
+                "sequence_parallel": self.sequence_parallel}
 
     def describe(self) -> str:
         sp = f" x SP {self.sp}" if self.sp > 1 else ""
-        return f"world {self.world_size} = TP {self.tp}{sp} x PP {self.pp} x DP {self.dp}"
+        tsp = " (sequence-parallel within TP)" if self.sequence_parallel else ""
+        return f"world {self.world_size} = TP {self.tp}{sp} x PP {self.pp} x DP {self.dp}{tsp}"

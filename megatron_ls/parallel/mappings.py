@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_ls.parallel import mpu
+from megatron_ls.parallel import mpu, tensor_sequence
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,11 @@ class _Gather(torch.autograd.Function):
 
 
 def copy_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    return _Copy.apply(x) if mpu.get_tensor_model_parallel_world_size() > 1 else x
+    # Under Megatron's sequence parallelism the region's input came through the all-gather along the sequence,
+    # whose backward reduce-scatters: the gradient's sum over the TP group is done there (tensor_sequence.py).
+    if mpu.get_tensor_model_parallel_world_size() == 1 or tensor_sequence.enabled():
+        return x
+    return _Copy.apply(x)
 
 
 def reduce_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:

@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="ranks that split each layer's heads")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="pipeline stages")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron's sequence parallelism inside the TP group: LayerNorms, dropouts and the residual "
+                        "stream hold N/tp tokens per rank (all-gather and reduce-scatter in place of TP's all-reduce)")
     g.add_argument("--sequence-parallel-size", type=int, default=1,
                    help="ranks that split one segment's tokens (DeepSpeed-Ulysses: the attention core runs on the "
                         "whole sequence of 1/K of the heads); --seq-length must be a multiple of K x --chunk-size")
@@ -255,10 +258,14 @@ def finalize_args(args: argparse.Namespace, world_size: int | None = None) -> ar
 
     # The layout's degrees and rules (the ZeRO stage joins once the DeepSpeed JSON is read: finalize_run_args).
     args.layout = ParallelLayout.build(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                       sp=args.sequence_parallel_size, num_attention_heads=model["num_attention_heads"],
+                                       sp=args.sequence_parallel_size, sequence_parallel=args.sequence_parallel,
+                                       num_attention_heads=model["num_attention_heads"],
                                        ffn_hidden_size=model["ffn_hidden_size"], num_layers=model["num_layers"])
     if args.sequence_parallel_size > 1:
         _check_sequence_parallel(args.sequence_parallel_size, model, args.seq_length)
+    if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
+        raise ConfigError(f"--sequence-parallel splits each segment over the {args.tensor_model_parallel_size} "
+                          f"tensor-parallel ranks: --seq-length ({args.seq_length}) must be a multiple of it")
     args.data_parallel_size = args.layout.dp
 
     if args.device_memory_gib is not None and args.device_memory_gib <= 0:

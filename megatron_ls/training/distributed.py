@@ -65,11 +65,11 @@ def world_from_env() -> tuple[int, int, int]:
 
 
 def layout_for(world_size: int, tp: int = 1, pp: int = 1, config=None, zero_stage: int = 0,
-               sp: int = 1) -> ParallelLayout:
+               sp: int = 1, sequence_parallel: bool = False) -> ParallelLayout:
     """ParallelLayout.build with the model's sizes (``config``: a TransformerLSConfig) when there is one."""
     sizes = {} if config is None else {"num_attention_heads": config.num_attention_heads,
                                        "ffn_hidden_size": config.ffn_hidden_size, "num_layers": config.num_layers}
-    return ParallelLayout.build(world_size, tp, pp, zero_stage, sp, **sizes)
+    return ParallelLayout.build(world_size, tp, pp, zero_stage, sp, sequence_parallel=sequence_parallel, **sizes)
 
 
 def _use_cuda() -> bool:

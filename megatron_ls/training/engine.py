@@ -214,6 +214,8 @@ class TrainEngine:
         n = inputs.shape[1]
         sp = self.layout.parallel.sp
         chunk = self.config.chunk_size * sp  # whole chunks on every SP rank
+        if self.layout.parallel.sequence_parallel:  # and whole slices on every TP rank
+            chunk = math.lcm(chunk, self.layout.tp)
         inputs = local_tokens(pad_to_chunks(inputs.to(self.layout.device), chunk))
         targets = local_tokens(pad_to_chunks(targets.to(self.layout.device), chunk))
         n_local = min(max(n - sp_rank() * inputs.shape[1], 0), inputs.shape[1])  # this rank's real targets

@@ -336,6 +336,18 @@ def sequence_parallel_layer_bytes(config: TransformerLSConfig, B: int, N: int, M
     return out
 
 
+def tensor_sequence_saving(layer: dict[str, int], config: TransformerLSConfig, B: int, N: int, tp: int, s: int,
+                           device: str) -> dict[str, int]:
+    """Megatron's sequence parallelism: the residual stream's LayerNorm inputs and dropout masks hold N/tp tokens
+    (the gathered inputs of the TP regions stay whole: the linears keep them)."""
+    drop = 0 if config.dropout == 0 else 1 if device == "cuda" else s
+    out = dict(layer)
+    for key in ("ln_attn", "ln_mlp", "attn_dropout_mask"):
+        out[key] = layer[key] // tp
+    out["mlp"] = layer["mlp"] - drop * B * N * config.hidden_size * (tp - 1) // tp
+    return out
+
+
 def head_activation_bytes(config: TransformerLSConfig, B: int, N: int, tp: int, precision: str,
                           first: bool, last: bool, device: str = "cuda") -> dict[str, int]:
     """Embedding (first stage) and final norm + logits + loss (last stage) saved tensors."""
@@ -376,6 +388,8 @@ def estimate_memory(config: TransformerLSConfig, seq_length: int, mem_length: in
     layer = sequence_parallel_layer_bytes(config, B, N, M, tp, sp, layout.precision, layout.attention_impl,
                                           layout.device, selective)
     n_loc, m_loc, h_core = N // sp, M // sp, config.num_attention_heads // (tp * sp)  # per-rank tokens, core heads
+    if layout.parallel.sequence_parallel:
+        layer = tensor_sequence_saving(layer, config, B, N, tp, s, layout.device)
     layer_total = sum(layer.values())
     best = None
     for stage, (n_layers, n_params) in enumerate(zip(stage_layers(config.num_layers, pp),
