@@ -59,14 +59,19 @@ def test_auto_without_triton_or_a_gpu_is_blocked(gpu, monkeypatch):
     assert auto_impl(CUDA) == "blocked" and auto_impl("cpu") == "blocked"
 
 
-@pytest.mark.parametrize("capability,core", [((7, 0), "blocked"), ((9, 0), "fused")])
-def test_memory_estimate_and_banner_follow_the_choice(gpu, capability, core):
+@pytest.mark.parametrize("capability,core,estimated", [((7, 0), "blocked", "blocked"),
+                                                       ((9, 0), "fused", "fused-table"),
+                                                       ((9, 0), "fused", "fused")])
+def test_memory_estimate_and_banner_follow_the_choice(gpu, monkeypatch, capability, core, estimated):
+    """The estimate counts the fused path's window-position table only in table mode (the default)."""
+    if estimated == "fused":
+        monkeypatch.setenv("MEGATRON_LS_WINDOW_POS", "band")
     gpu(*capability)
     args = finalize_args(parse_args(["--data-path", "x", "--train-iters", "1", "--preset", "enwik8-30l",
                                      "--fp16" if capability < (8, 0) else "--bf16"]), world_size=8)
     cfg = build_ds_config(args, on_cpu=False)
     config = TransformerLSConfig.from_preset("enwik8-30l")
-    assert training_layout(args, config, cfg, "cuda").attention_impl == core
+    assert training_layout(args, config, cfg, "cuda").attention_impl == estimated
     assert training_layout(args, config, cfg, "cpu").attention_impl == "blocked"
     assert _core_impl(config, CUDA) == f"auto ({core})"
     assert _core_impl(TransformerLSConfig.from_preset("enwik8-30l", attention_impl="fused"), CUDA) == "fused"
