@@ -100,8 +100,11 @@ def stopping_while_loading(prog: str) -> Iterator[None]:
     Ctrl-C is left alone where it is ignored (a background job); the previous handlers return afterwards."""
     def stopped(signum: int, frame: object) -> None:
         word = "interrupted" if signum == signal.SIGINT else "terminated"
-        print(f"{prog}: {word} while starting", file=sys.stderr)
-        sys.exit(128 + signum)
+        print(f"{prog}: {word} while starting", file=sys.stderr, flush=True)
+        # Not sys.exit: import code that catches BaseException (an optional dependency's probe) would swallow
+        # the SystemExit and leave a half-imported module behind (numpy without its functions, say), and the
+        # run would go on to fail with a traceback. Imports have written nothing, so nothing needs cleaning up.
+        os._exit(128 + signum)
 
     stops = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.signal(s, stopped) for s in stops}

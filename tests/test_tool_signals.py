@@ -346,6 +346,23 @@ def test_signal_while_loading_is_one_line(sig, rc, word):
     assert p.returncode == rc and p.stderr.splitlines() == [f"x.py: {word} while starting"], p.stderr[-2000:]
 
 
+def test_a_signal_while_loading_ends_the_process_even_where_the_import_catches_everything():
+    """An import that catches BaseException (a probe for an optional dependency) cannot swallow the stop and go
+    on half-imported (once: numpy without may_share_memory, then a traceback in the data loading)."""
+    code = ("import os, signal, time\n"
+            "from megatron_ls.tool_signals import stopping_while_loading\n"
+            "with stopping_while_loading('x.py'):\n"
+            "    try:\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(30)\n"
+            "    except BaseException:\n"
+            "        pass\n"
+            "print('went on')\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 143 and p.stdout == "", p.stdout
+    assert p.stderr.splitlines() == ["x.py: terminated while starting"], p.stderr[-2000:]
+
+
 @pytest.mark.timeout(120)
 def test_ctrl_c_while_convert_imports_torch():
     cmd, env = tool_cmd("convert_checkpoint", "--help")
