@@ -41,6 +41,7 @@ from megatron_ls.errors import CheckpointError, UserError
 
 from .collectives import agree, barrier, is_distributed
 from .disk_space import human_bytes, statvfs_free
+from .sp_reshard import check_sp_reshard
 
 # Test hook only: SIGKILL this process in the middle of the save of that iteration.
 CRASH_ENV = "MEGATRON_LS_TEST_CRASH_IN_SAVE"
@@ -218,9 +219,9 @@ def agree_on_checkpoint(fn: Any, what: str) -> Any:
         raise CheckpointError(str(e)) from None
 
 
-def load_local_state(path: str) -> dict[str, Any]:
-    """This rank's run_state file of a verified checkpoint."""
-    f = os.path.join(path, run_state_file(_rank()))
+def load_local_state(path: str, rank: int | None = None) -> dict[str, Any]:
+    """This rank's (or ``rank``'s) run_state file of a verified checkpoint."""
+    f = os.path.join(path, run_state_file(_rank() if rank is None else rank))
     try:
         # Our own file (RNG states hold numpy arrays and tuples): not a weights-only pickle.
         return torch.load(f, map_location="cpu", weights_only=False)
@@ -265,12 +266,21 @@ def check_compatible(info: dict[str, Any], model: dict[str, Any], run: dict[str,
     if finetune:
         return  # --finetune reads the weights into any layout (training/finetune.py)
     layout = info.get("layout", {})
-    for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel_size"):
+    for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         if layout.get(k, 1) != run.get(k, 1):
             raise CheckpointError(f"checkpoint {path} was saved with --{k.replace('_', '-')} {layout.get(k, 1)}, "
                                   f"this run has {run.get(k, 1)}: an exact resume needs the same layout; use "
                                   "--finetune to start a new phase from its weights")
-    if info.get("world_size") != run["world_size"]:
+    if bool(layout.get("sequence_parallel")) != bool(run.get("sequence_parallel")):
+        raise CheckpointError(f"checkpoint {path} was saved with --sequence-parallel "
+                              f"{_shown(bool(layout.get('sequence_parallel')))}, this run has "
+                              f"{_shown(bool(run.get('sequence_parallel')))}: an exact resume needs the same; use "
+                              "--finetune to start a new phase from its weights")
+    saved_sp, sp = layout.get("sequence_parallel_size", 1), run.get("sequence_parallel_size", 1)
+    if saved_sp != sp:
+        check_sp_reshard(layout, run, path)  # the run state is resharded (sp_reshard.py)
+    # Other processes than SP accounts for: another data-parallel degree, which changes the lanes.
+    if info.get("world_size") // saved_sp != run["world_size"] // sp:
         raise CheckpointError(f"checkpoint {path} was saved by {info.get('world_size')} processes, this run has "
                               f"{run['world_size']}: resume with the same layout, or start a phase with --finetune")
     saved_run = info.get("run", {})

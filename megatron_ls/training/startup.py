@@ -12,12 +12,15 @@ from megatron_ls.checkpoint.files import has_checkpoint
 from megatron_ls.data import DataError, LaneDataset, load_split
 from megatron_ls.data.tokenizers import tokenizer_mismatch
 from megatron_ls.errors import CheckpointError, ConfigError
+from megatron_ls.parallel.layout import ParallelLayout
 
 from . import checkpointing as ckpt
+from .collectives import global_rank
 from .finetune import FinetuneSource
 from .logging import print_rank0
 from .run_folder import check_no_previous_run
 from .settings import RunSettings
+from .sp_reshard import old_ranks, resharded_state, saved_layout
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,19 @@ def lanes(tokens: Any, args: RunSettings, dp_rank: int, dp: int, split: str) -> 
                         f"x --seq-length {args.seq_length}: {e}") from None
 
 
-def _restore_local_state(path: str, train_data: LaneDataset, engine: Any) -> None:
-    """This rank's lane position, memory cache and RNG states from a verified checkpoint."""
-    local = ckpt.load_local_state(path)
+def _restore_local_state(path: str, info: dict[str, Any], layout: ParallelLayout, train_data: LaneDataset,
+                         engine: Any) -> None:
+    """This rank's lane position, memory cache and RNG states from a verified checkpoint (resharded from the old
+    SP ranks' when it was saved with another --sequence-parallel-size)."""
+    saved = saved_layout(info.get("layout", {}), int(info["world_size"]), layout.zero_stage)
+    if saved.sp == layout.sp:
+        local = ckpt.load_local_state(path)
+    else:
+        states = [ckpt.load_local_state(path, r) for r in old_ranks(saved, layout, global_rank())]
+        try:
+            local = resharded_state(states, saved.sp, layout.coordinates(global_rank()).sp_rank, layout.sp)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {path}: its memory cache cannot be resharded: {e}") from None
     try:
         train_data.load_state_dict(local["data"])
     except ValueError as e:
@@ -168,7 +181,8 @@ def start_state(args: RunSettings, data: RunData, config: Any, run: dict[str, An
         ckpt.load_engine_state(engine, path, finetune=False)
         if args.override_opt_param_scheduler:
             engine.refresh_lr()  # the next update runs at this run's schedule, not the checkpoint's
-        ckpt.agree_on_checkpoint(lambda: _restore_local_state(path, train_data, engine), "restoring the run state")
+        ckpt.agree_on_checkpoint(lambda: _restore_local_state(path, info, args.layout, train_data, engine),
+                                 "restoring the run state")
         iteration = int(info["iteration"])
         print_rank0(f"resumed from {path} at iteration {iteration}")
     return iteration
