@@ -15,13 +15,13 @@
 #                       position mode that was faster for one layer at 32K
 #   memory              bench/memory.py: the estimate and a measured 2-layer slice of enwik8-30l at N = M = 8192 (bf16)
 #   memory_v100_path    the same for the V100 path (fp16, blocked core: what `auto` picks on sm_70)
-#   tests_kernels       tests/test_kernels_fused.py (tile 0); tests_cuda: every other test named *cuda*
+#   tests_kernels       tests/kernels/test_kernels_fused.py (tile 0); tests_cuda: every other test named *cuda*
 #   tile1..3            the other autotune tiles on the bf16 cases
 #   summary, tar        bench/gpu_check_summary.py: the short table (summary.txt); the tarball
 # Each benchmark rewrites its JSON after every row, so a step stopped at its cap keeps the rows it measured.
 # The last line printed is the tarball's path.
 # --dry-run: CPU only, tiny sizes, fused kernels under Triton's interpreter, tests collected but not run: proves the
-# sequence, the caps and the tarball (tests/test_gpu_check.py runs it).
+# sequence, the caps and the tarball (tests/bench/test_gpu_check.py runs it).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root="$PWD"
@@ -131,13 +131,13 @@ step memory_v100_path "$PY" bench/memory.py --preset enwik8-30l --gpus 8 --preci
   --overlap-comm "${mem[@]}" --output "$out/memory_v100_path.json"
 
 step tests_kernels env MEGATRON_LS_TRITON_CONFIG=0 "$PY" -m pytest -q -p no:cacheprovider "${pytest_mode[@]}" \
-  tests/test_kernels_fused.py
+  tests/kernels/test_kernels_fused.py
 step tests_cuda env MEGATRON_LS_TRITON_CONFIG=0 "$PY" -m pytest -q -p no:cacheprovider "${pytest_mode[@]}" tests \
-  -k cuda --ignore=tests/test_kernels_fused.py --continue-on-collection-errors
+  -k cuda --ignore=tests/kernels/test_kernels_fused.py --continue-on-collection-errors
 [[ ${rc[tests_cuda]} == 5 ]] && rc[tests_cuda]=0  # 5 = no test selected
 for tile in 1 2 3; do
   step "tile$tile" env MEGATRON_LS_TRITON_CONFIG=$tile "$PY" -m pytest -q -p no:cacheprovider "${pytest_mode[@]}" \
-    tests/test_kernels_fused.py -k "bf16 and (ragged or clamped)"
+    tests/kernels/test_kernels_fused.py -k "bf16 and (ragged or clamped)"
   [[ ${rc[tile$tile]} == 5 ]] && rc[tile$tile]=0
 done
 

@@ -8,7 +8,7 @@ autotune tiles and arguments) and megatron_ls.kernels.work walks each launch's p
 loop bounds: tensor-core FLOPs issued (masked and padded work included), global-memory bytes (loads + stores,
 L2 hits included) and atomic adds per kernel; torch ops of the core (the window position table's GEMMs,
 buffers) are accounted by a dispatch mode (matrix products as FLOPs, bytes read + written).
-tests/test_kernels_fused.py holds the kernel account equal to what the kernels execute under the interpreter.
+tests/kernels/test_kernels_fused.py holds the kernel account equal to what the kernels execute under the interpreter.
 
 Floor: every visible (query, window key or landmark) pair costs 2 dh FLOPs for each of 10 products (forward
 QK, position, PV; backward QK and position recomputed, dP, dQ, dK, dV, dPosition). Needs no GPU.

@@ -4,7 +4,7 @@
     python bench/memory.py --preset enwik8-12l --seq-length 2048 --gpus 4 --precision fp32 --impl blocked
     python bench/memory.py --preset text8-12l --measure-layers 2 --measure-seq 1024    # also measure a slice
 
-Every row is megatron_ls.training.memory_estimate (the analytic count that tests/test_memory_estimate.py checks
+Every row is megatron_ls.training.memory_estimate (the analytic count that tests/training/test_memory_estimate.py checks
 against the tensors autograd saves and against DeepSpeed's optimizer states) for the most loaded pipeline stage.
 With --measure-layers K, a K-layer slice of the preset is also run once on this machine (one process, no
 DeepSpeed): on CUDA its peak allocated bytes during forward+backward (torch.cuda.max_memory_allocated) beside the

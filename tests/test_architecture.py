@@ -76,3 +76,21 @@ def test_the_checker_sees_an_upward_import(tmp_path):
         assert _floor(found[0])[0] > _floor(_module_name(path))[0]
     finally:
         os.remove(path)
+
+
+# The tests mirror the package: tests/<package>/ for megatron_ls/<package>/, the root modules' tests at tests/,
+# bench/ and the command-line tools (cli/, examples) beside them.
+TEST_FOLDERS = {name for names in FLOORS for name in names} | {"bench", "fixtures"}
+
+
+def test_the_tests_mirror_the_package():
+    tests = os.path.join(ROOT, "tests")
+    packages = {n for n in os.listdir(PACKAGE) if os.path.isfile(os.path.join(PACKAGE, n, "__init__.py"))}
+    root_modules = {n[: -len(".py")] for n in os.listdir(PACKAGE) if n.endswith(".py") and n != "__init__.py"}
+    folders = {n for n in os.listdir(tests) if os.path.isdir(os.path.join(tests, n)) and not n.startswith(("_", "."))}
+    assert folders <= TEST_FOLDERS | packages, f"tests/ folders without a package of that name: {folders - packages}"
+    for name in os.listdir(tests):
+        if name.startswith("test_") and name.endswith(".py") and name != "test_architecture.py":
+            assert name[len("test_"): -len(".py")] in root_modules, (
+                f"tests/{name} sits at the root of tests/ but megatron_ls has no root module of that name: move it "
+                "into the folder of the package it tests")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from test_inference_cli import make_model_dir
+from model_dirs import make_model_dir
 
 from megatron_ls.cli.convert_checkpoint import main as convert_main
 from megatron_ls.cli.evaluate import write_result

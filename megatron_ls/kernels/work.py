@@ -8,7 +8,7 @@ the tile's constexprs (triton_setup's heuristics), and adds up per program what 
 - bytes: global loads and stores, unmasked elements times the element size (L2 hits included);
 - atomics: unmasked elements of the atomic adds.
 
-Each kernel's body is mirrored by one function below; tests/test_kernels_fused.py runs the kernels under
+Each kernel's body is mirrored by one function below; tests/kernels/test_kernels_fused.py runs the kernels under
 Triton's interpreter, counts the same three things as executed, and requires equality for every tile.
 """
 

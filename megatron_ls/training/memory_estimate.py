@@ -1,6 +1,6 @@
 """Analytic peak memory per GPU of a training layout: weights, gradients, optimizer, activations, memory cache.
 
-Counts what this code base and DeepSpeed 0.19.8 actually allocate (checked by tests/test_memory_estimate.py):
+Counts what this code base and DeepSpeed 0.19.8 actually allocate (checked by tests/training/test_memory_estimate.py):
 
 - parameters: counted from the config exactly as the modules build them (TP shards, replicated norms and biases,
   the tied embedding on the first and the last pipeline stage).

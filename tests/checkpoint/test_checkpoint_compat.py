@@ -1,4 +1,4 @@
-"""Checkpoints written before the package reorganisation (tests/data/checkpoint_v1, see its README) still resume
+"""Checkpoints written before the package reorganisation (tests/fixtures/checkpoint_v1, see its README) still resume
 exactly where they stopped, convert, evaluate and start a --finetune."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from training_utils import ROOT, env, run
 
 pytestmark = pytest.mark.slow
-V1 = os.path.join(ROOT, "tests", "data", "checkpoint_v1")
+V1 = os.path.join(ROOT, "tests", "fixtures", "checkpoint_v1")
 MODEL = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2", "--ffn-hidden-size", "32",
          "--window-size", "8", "--chunk-size", "4", "--seq-length", "16", "--micro-batch-size", "2",
          "--global-batch-size", "4", "--eval-iters", "0", "--log-interval", "1", "--seed", "3"]

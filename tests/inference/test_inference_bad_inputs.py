@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from test_inference_cli import make_model_dir
+from model_dirs import make_model_dir
 
 from megatron_ls.cli.generate import __doc__ as generate_help
 from megatron_ls.cli.generate import encode_prompt

@@ -1,6 +1,6 @@
 """Sequence parallelism (DeepSpeed-Ulysses, --sequence-parallel-size) trains like one process.
 
-As tests/test_parallel_equivalence.py: a gloo group trains STEPS consecutive segments with memory and is compared
+As parallel/test_parallel_equivalence.py: a gloo group trains STEPS consecutive segments with memory and is compared
 with one process (losses 1e-5 relative, every parameter gradient 1e-4, the evaluation sums), here with each
 segment's tokens split over the SP ranks; alone and with TP, PP, ZeRO 1-3, recomputation, attention dropout and the
 fused kernels (under Triton's interpreter).

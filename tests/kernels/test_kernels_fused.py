@@ -88,7 +88,7 @@ SMALL = {
     "rank2_clamped": (1, 2, 48, 16, 16, 8, 2, 32, 2, True),       # r=2, distance clamp at 2
     "window_only": (1, 2, 40, 16, 16, 8, 1, 8, None, False),      # no landmarks (L = 0)
     "rank3_batch2": (2, 1, 36, 16, 8, 4, 3, 8, None, True),       # B=2, c=4, w=8, r=3
-    # Several blocks of the CUDA tiles too (tests/test_kernels_tiles.py runs these with each of them):
+    # Several blocks of the CUDA tiles too (tests/kernels/test_kernels_tiles.py runs these with each of them):
     "multi_block": (1, 2, 152, 16, 48, 8, 1, 40, None, True),     # 3 query blocks of 64, ragged, memory
     "multi_block_r2": (1, 1, 132, 16, 40, 4, 2, 24, 6, True),     # 78 landmarks: 2+ landmark blocks, clamp
 }
@@ -215,7 +215,8 @@ WORK_CASES = {"memory_ragged": SMALL["multi_block"], "rank2_clamped": SMALL["mul
 @pytest.mark.parametrize("case", list(WORK_CASES))
 def test_work_account_equals_what_the_kernels_execute(case, window_pos):
     """megatron_ls.kernels.work counts each launch's dots, bytes and atomics from its grid, tile and loop bounds;
-    the interpreter counts what the kernels do. Equal for every kernel (tests/test_kernels_tiles.py: every tile)."""
+    the interpreter counts what the kernels do. Equal for every kernel (kernels/test_kernels_tiles.py: every
+    tile)."""
     from megatron_ls.kernels.launches import CoreGeometry, recorded_launches
     from megatron_ls.kernels.work import Work, launch_work
     from tests.triton_interpreter import executed_work

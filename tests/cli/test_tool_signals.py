@@ -15,7 +15,8 @@ import threading
 import time
 
 import pytest
-from test_inference_cli import ROOT, make_model_dir
+from model_dirs import make_model_dir
+from repo_paths import REPO_ROOT as ROOT
 
 from megatron_ls.checkpoint.consolidated import load_consolidated
 from megatron_ls.checkpoint.writer import _recover_old

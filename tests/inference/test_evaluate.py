@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from test_inference_cli import make_model_dir
+from model_dirs import make_model_dir
 
 from megatron_ls.checkpoint.consolidated import load_consolidated
 from megatron_ls.cli.convert_checkpoint import main as convert_main

@@ -12,11 +12,12 @@ import subprocess
 import sys
 
 import pytest
+from repo_paths import REPO_ROOT
 
 triton = pytest.importorskip("triton", reason="the fused kernels are written in Triton")
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 H100_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block on sm_90
 
 

@@ -10,12 +10,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from repo_paths import REPO_ROOT
 
 from megatron_ls.cli.preprocess_data import main
 from megatron_ls.data import MMapIndexedDataset, SentencePieceTokenizer, build_tokenizer, default_corpus_text
 from megatron_ls.data import corpora as corpora_mod
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 TOOL = os.path.join(REPO, "tools", "preprocess_data.py")
 
 

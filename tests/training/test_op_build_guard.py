@@ -10,10 +10,11 @@ import sys
 import time
 
 import pytest
+from repo_paths import REPO_ROOT
 
 from megatron_ls.training.op_build_guard import SHM_OP, op_build_folder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 LOAD = "from megatron_ls.training.op_build_guard import load_shm_op_guarded; load_shm_op_guarded()"
 
 

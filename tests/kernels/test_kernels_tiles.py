@@ -18,9 +18,11 @@ import pytest
 
 pytest.importorskip("triton", reason="the fused kernels are written in Triton")
 
+from repo_paths import REPO_ROOT
+
 from megatron_ls.kernels.triton_setup import _TILES  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 # One run per distinct (BM, BN) among the candidates (warps and stages do not change the index arithmetic):
 # MEGATRON_LS_TRITON_CONFIG=i picks candidate i of every kernel (the last one where a kernel has fewer).
 _PICKS = {tuple(tiles[min(i, len(tiles) - 1)][:2] for tiles in _TILES.values()): i
@@ -31,8 +33,9 @@ _PICKS = {tuple(tiles[min(i, len(tiles) - 1)][:2] for tiles in _TILES.values()):
 @pytest.mark.parametrize("tile", sorted(_PICKS.values()))
 def test_each_cuda_tile_matches_reference_in_the_interpreter(tile):
     env = dict(os.environ, TRITON_INTERPRET="1", MEGATRON_LS_TRITON_CONFIG=str(tile), CUDA_VISIBLE_DEVICES="")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_fused.py",
-                          "-k", "(fp32_matches_reference and (multi_block or clamped or rank3)) or work_account"],
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/kernels/test_kernels_fused.py", "-k",
+                          "(fp32_matches_reference and (multi_block or clamped or rank3)) or work_account"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=560)
     assert res.returncode == 0, res.stdout[-4000:]
     # (4 reference cases + 4 work-account cases) x (band, table); a skip would show

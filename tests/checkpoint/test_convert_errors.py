@@ -9,8 +9,9 @@ import sys
 
 import pytest
 import torch
+from model_dirs import make_model_dir
+from repo_paths import REPO_ROOT as ROOT
 from safetensors.torch import load_file
-from test_inference_cli import ROOT, make_model_dir
 
 from megatron_ls.cli.convert_checkpoint import main
 

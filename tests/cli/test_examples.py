@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 import torch
+from repo_paths import REPO_ROOT
 
 from megatron_ls.model import TransformerLSConfig
 from megatron_ls.training import arguments
@@ -17,7 +18,7 @@ from megatron_ls.training.ds_config import FP16_LOSS_SCALING, build_ds_config
 from megatron_ls.training.memory_check import HEADROOM, training_layout
 from megatron_ls.training.memory_estimate import GiB, estimate_memory
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():

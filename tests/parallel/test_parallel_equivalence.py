@@ -25,6 +25,7 @@ from equivalence_helpers import (
     tiny_config,
     train_and_record,
 )
+from repo_paths import TESTS_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +148,7 @@ def test_bad_layouts_fail_on_every_rank(tmp_path):
 @pytest.mark.timeout(120)
 def test_bad_layout_under_a_launcher_environment_exits_cleanly(tmp_path):
     """As `deepspeed` starts them: only env vars, no process group yet; every rank must exit 1 with the message."""
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    tests_dir = TESTS_DIR  # equivalence_helpers lives there
     code = (f"import sys; sys.path.insert(0, {tests_dir!r})\n"
             "from equivalence_helpers import tiny_config\n"
             "from megatron_ls.training.distributed import init_distributed\n"

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 import pytest
 import torch
+import training_utils as tu
+from distributed import run_distributed
 
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM
@@ -29,10 +30,6 @@ from megatron_ls.training.memory_estimate import (
     stage_parameters,
     state_bytes,
 )
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import training_utils as tu  # noqa: E402
-from distributed import run_distributed  # noqa: E402
 
 ACT_TOLERANCE = 0.10  # measured agreement is about 1 %; 10 % leaves room for torch versions
 

@@ -13,8 +13,9 @@ import sys
 import tarfile
 
 import pytest
+from repo_paths import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 STEPS = ["python", "probe", "attention_m0", "attention_mN", "attention_table_m0", "attention_table_mN", "pos_mode",
          "train_throughput", "memory", "memory_v100_path", "tests_kernels", "tests_cuda", "tile1", "tile2", "tile3",
          "summary", "tar"]
