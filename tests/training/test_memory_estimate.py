@@ -22,6 +22,7 @@ from distributed import run_distributed
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.model.lm import TransformerLSLM
 from megatron_ls.model.long_short_attention import set_selective_recompute
+from megatron_ls.model.positions import _TABLES
 from megatron_ls.parallel.layout import ParallelLayout
 from megatron_ls.training.memory_estimate import (
     GiB,
@@ -192,6 +193,7 @@ def _engine_states(rank: int, world: int, out_path: str) -> None:
         x = torch.randint(0, 27, (2, 16))
         engine.train_step(x, x)
         engine.reset_memory()
+        _TABLES.clear()  # the sinusoid table shared by all layers (max(w, landmark distances) x D): not a state
         # After the step the activations and gradients are gone: parameters, optimizer states, buffers remain.
         results[(stage, precision)] = (_live_tensor_bytes() - before, engine.module.num_parameters())
         del engine
