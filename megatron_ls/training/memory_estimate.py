@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from megatron_ls.model.attention.blocked import default_block_size
+from megatron_ls.model.attention.blocked_layout import Tiling, tiling
 from megatron_ls.model.attention.common import landmark_distance_rows
 from megatron_ls.model.config import TransformerLSConfig
 from megatron_ls.parallel.layout import ParallelLayout
@@ -38,7 +38,6 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DEFAULT_REDUCE_BUCKET = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default (elements)
 DEFAULT_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size default (elements)
 _STATS = 8  # LayerNorm's saved mean and rstd, fp32, per row
-_MAX_SCORES = 1 << 23  # the blocked core's default group bound (attention/blocked.py)
 
 
 @dataclass(frozen=True)
@@ -204,70 +203,37 @@ def _layer_norm_saved(rows: int, width: int, s: int, tp: int) -> int:
     return rows * (2 * width // tp * 4 + 4) + (rows * width // tp * 4 if s != 4 else 0)
 
 
-def _blocked_group_bytes(B: int, Hl: int, dh: int, config: TransformerLSConfig, s: int, b: int, L: int, nb: int,
-                         n_vis: int, n_dist_rows: int) -> dict[str, int]:
-    """What attention/blocked.py saves for one group of `nb` query blocks that sees `n_vis` landmarks."""
-    rows = B * Hl * dh  # elements per position of one (B, H, ., dh) tensor
-    r = config.chunk_rank
-    prob_bytes = 4 + (s if s != 4 else 0)  # fp32 softmax output, plus its low-precision copy the matmul keeps
-    # torch.matmul broadcasts the per-head operands R_w, R_c and the landmark keys over the blocks of the
-    # group and keeps those expanded copies; the landmark distance term is kept by its gather.
-    n_dist = min(n_dist_rows, n_vis // r) if n_vis else 0
-    out = {"core_k_tiles": nb * L * rows * s, "core_v_tiles": nb * (L + n_vis) * rows * s,
-           "core_probs": nb * b * B * Hl * (L + n_vis) * prob_bytes,
-           "core_index": nb * b * n_vis * 8,  # the landmark-distance gather index (int64)
-           "core_broadcast": nb * rows * (config.window_size + (n_dist + n_vis if n_vis else 0)) * s,
-           "core_pos_lm": nb * b * B * Hl * (n_dist + 1) * s if n_vis else 0}
-    if config.attention_dropout > 0:
-        out["core_dropout"] = out["core_probs"] // prob_bytes
-    return out
+def _blocked_tiling(B: int, N: int, M: int, Hl: int, config: TransformerLSConfig, landmarks: bool) -> Tiling:
+    n_lm = (M + N) // config.chunk_size * config.chunk_rank if landmarks else 0
+    return tiling(B, Hl, N, M, window=config.window_size, chunk=config.chunk_size, n_lm=n_lm)
 
 
-def _blocked_groups(B: int, N: int, M: int, Hl: int, dh: int, config: TransformerLSConfig, s: int,
-                    landmarks: bool) -> list[dict[str, int]]:
-    w, c, r = config.window_size, config.chunk_size, config.chunk_rank
-    b = default_block_size(w, N)
-    n_blocks = math.ceil(N / b)
-    L = math.ceil(w / b) * b + b
-    n_lm = (M + N) // c * r if landmarks else 0
-    group = max(1, min(n_blocks, _MAX_SCORES // max(B * Hl * b * (L + n_lm), 1)))
-    n_dist_rows = landmark_distance_rows((M + N) // c, config.max_landmark_distance)
-    out = []
-    for g0 in range(0, n_blocks, group):
-        nb = min(n_blocks, g0 + group) - g0
-        last_q = min((g0 + nb) * b, N) - 1
-        n_vis = (M + last_q) // c * r if n_lm else 0
-        out.append(_blocked_group_bytes(B, Hl, dh, config, s, b, L, nb, n_vis, n_dist_rows))
-    return out
+def _group_scores(B: int, Hl: int, config: TransformerLSConfig, t: Tiling) -> list[int]:
+    """Score elements of each group of the blocked core: rows x (visible landmarks + window tile)."""
+    return [g.g * B * Hl * g.rows * (g.qmax * config.chunk_rank + t.L) for g in t.groups]
 
 
 def blocked_core_bytes(B: int, N: int, M: int, Hl: int, dh: int, config: TransformerLSConfig, s: int,
                        landmarks: bool, recompute: bool = False) -> dict[str, int]:
-    """What attention/blocked.py saves for the backward, group by group.
-
-    With `recompute` (selective recomputation) a group keeps only its inputs: slices of the block-major
-    queries (counted in core_q) and of the padded key and value blocks, whose whole storages stay alive.
-    """
-    w = config.window_size
-    b = default_block_size(w, N)
-    n_blocks = math.ceil(N / b)
-    rows = B * Hl * dh
-    out = {"core_q": (3 if landmarks else 2) * n_blocks * b * rows * s,  # qs, q+u, q+v (block-major)
-           "core_r_win": Hl * w * dh * s}
-    if recompute:
-        out["core_kv_blocks"] = 2 * (n_blocks + math.ceil(w / b)) * b * rows * s
-        return out
-    for group in _blocked_groups(B, N, M, Hl, dh, config, s, landmarks):
-        for k, v in group.items():
-            out[k] = out.get(k, 0) + v
+    """What attention/blocked_core.py saves for the backward: block-major scaled queries, padded window keys and
+    values, the output, R_w, and (unless `recompute`, selective recomputation) every group's probabilities in fp32."""
+    t = _blocked_tiling(B, N, M, Hl, config, landmarks)
+    n_blocks = math.ceil(N / t.b)
+    rows = B * Hl * dh  # elements per position of one (B, H, ., dh) tensor
+    out = {"core_q_out": 2 * n_blocks * t.b * rows * s, "core_kv": 2 * (n_blocks + t.shifts) * t.b * rows * s,
+           "core_r_win": Hl * config.window_size * dh * s}
+    if not recompute:
+        out["core_probs"] = 4 * sum(_group_scores(B, Hl, config, t))
     return out
 
 
 def blocked_recompute_workspace(B: int, N: int, M: int, Hl: int, dh: int, config: TransformerLSConfig,
                                 s: int) -> int:
-    """The transient of selective recomputation: the largest group's saved tensors, rebuilt in the backward."""
-    groups = _blocked_groups(B, N, M, Hl, dh, config, s, config.attention_type == "long-short")
-    return max(sum(g.values()) for g in groups)
+    """The transient of selective recomputation: the largest group's probabilities (fp32) and score gradients, plus
+    its dropout mask and dropped probabilities with attention dropout."""
+    t = _blocked_tiling(B, N, M, Hl, config, config.attention_type == "long-short")
+    per_score = 4 + s + (1 + s if config.attention_dropout > 0 else 0)
+    return per_score * max(_group_scores(B, Hl, config, t))
 
 
 def layer_activation_bytes(config: TransformerLSConfig, B: int, N: int, M: int, tp: int = 1, precision: str = "fp32",
@@ -311,7 +277,7 @@ def layer_activation_bytes(config: TransformerLSConfig, B: int, N: int, M: int, 
         a["core"] = 2 * B * N * Dl * s + 2 * B * S * Dl * s + 2 * B * nl * Dl * s + B * Hl * N * 4 + Hl * w * dh * s
     else:
         if landmarks:
-            a["ln_lm"] += B * (T // c * r) * Dl * s  # landmark keys, read by the core's matmul
+            a["ln_lm"] += 2 * B * (T // c * r) * Dl * s  # landmark keys and values, read by the core's matmuls
         a.update(blocked_core_bytes(B, N, M, Hl, dh, config, s, landmarks, recompute_attention))
     return a
 

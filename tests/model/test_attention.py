@@ -60,8 +60,9 @@ CASES = [
     (32, 64, 16, 8, 2, None, None, True),  # memory longer than the window, r > 1
     (8, 16, 16, 4, 1, None, None, True),  # N < w
     (40, 24, 16, 4, 3, None, None, True),  # N not a multiple of w or of the block, r = 3
-    (48, 32, 16, 4, 2, 7, 2, True),  # odd block size, clamped landmark distance
-    (24, 8, 16, 4, 1, 5, None, True),  # memory shorter than w - 1
+    (48, 32, 16, 4, 2, 12, 2, True),  # block not dividing w (12 of 16), clamped landmark distance
+    (24, 8, 16, 4, 1, 20, None, True),  # memory shorter than w - 1, a partial last block
+    (32, 16, 16, 4, 1, 4, None, True),  # block = chunk
     (40, 64, 16, 8, 1, None, None, False),  # window only
 ]
 
