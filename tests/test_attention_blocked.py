@@ -100,3 +100,13 @@ def test_bad_block_size_and_dropout_are_refused():
         long_short_attention_blocked(*args, **kw, block_size=6)
     with pytest.raises(ValueError, match="dropout_p"):
         long_short_attention_blocked(*args, **kw, dropout_p=1.0)
+
+
+def test_runs_on_the_meta_device():
+    """bench/blocked_work.py counts the core's work on the meta device (shapes only, no autocast there)."""
+    args, kw = make_inputs(1, 2, 32, 16, 16, 4, 2)
+    meta = tuple(torch.empty_like(a, device="meta").requires_grad_() for a in args)
+    out = long_short_attention_blocked(*meta, **kw)
+    assert out.device.type == "meta" and out.shape == args[0].shape
+    out.backward(torch.empty_like(out))
+    assert all(a.grad is not None and a.grad.shape == a.shape for a in meta)

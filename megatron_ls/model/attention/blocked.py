@@ -13,6 +13,8 @@ Memory is O(N (w + landmarks)) per head and no N x (M+N) matrix is formed.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from megatron_ls.model.attention.blocked_core import BlockedCore
@@ -38,8 +40,9 @@ def long_short_attention_blocked(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     tensors = (q, k_win, v_win, k_lm, v_lm, pos_bias_u, pos_bias_v, r_win, r_lm)
     device = q.device.type
+    has_autocast = device in ("cpu", "cuda")  # not the meta device (bench/blocked_work.py)
     # Under autocast the matmuls run in the autocast dtype, as torch.matmul would; the softmax runs in fp32.
-    if torch.is_autocast_enabled(device):
+    if has_autocast and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
     else:
         dtype = q.dtype
@@ -49,5 +52,5 @@ def long_short_attention_blocked(
     geo = make_geometry(tensors[0], k_lm.shape[2], r_lm.shape[1], window=window, chunk=chunk, chunk_rank=chunk_rank,
                         mem_len=mem_len, dropout_p=dropout_p, softmax_scale=softmax_scale, block_size=block_size,
                         max_scores=max_scores)
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(device, enabled=False) if has_autocast else contextlib.nullcontext():
         return BlockedCore.apply(geo, recompute, *tensors)
