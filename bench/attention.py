@@ -1,8 +1,9 @@
 """Attention benchmark: forward+backward time and memory of one attention layer per implementation.
 
     python bench/attention.py                         # CPU: N = 1K..8K, B = 1, memory M = N
-    python bench/attention.py --sizes 1024,2048 --impls blocked,window
-    python bench/attention.py --layer-only            # just the whole-layer CPU budget check
+    python bench/attention.py --sizes 1024,2048 --impls blocked,window-blocked
+    python bench/attention.py --layer-only --official-layer transformer-ls/autoregressive/model_lib/layer.py
+    python bench/attention.py --layer-only --no-layer --profile   # where the blocked layer's time goes
     python bench/attention.py --device cuda --dtype bf16 --tokens 32768 --sizes 2048,8192,32768
 
 Implementations: reference / blocked / fused (long-short), full (causal over memory + segment, SDPA: flash on
