@@ -4,8 +4,8 @@
 # section) and the attention core `auto` picks there: `blocked` on cuBLAS's fp16 tensor cores (docs/V100.md).
 #   LAUNCH="deepspeed --num_gpus 8" bash examples/enwik8_30l.sh
 # Memory per GPU (bench/memory.py --precision fp16 --impl blocked --overlap-comm, ZeRO-2; docs/V100.md): phase 1
-# 8.2 GiB and phase 2 15.9 GiB without recomputation; phase 3 (N = M = 8192) 37.6 GiB without it, 9.8 GiB with the
-# selective recomputation of the attention scores (cheaper than recomputing whole layers).
+# 6.0 GiB and phase 2 10.0 GiB without recomputation; phase 3 (N = M = 8192) 20.2 GiB without it, 9.5 GiB with the
+# selective recomputation of the attention scores, kept as margin until the estimate is checked on a V100.
 PRESET=enwik8-30l
 DATA="${DATA:-data/enwik8/enwik8}"
 OUT="${OUT:-runs/enwik8-30l}"
