@@ -1,5 +1,5 @@
 """The blocked core's hand-written backward, its dropout and selective recomputation (equality with `reference`
-itself: tests/test_attention.py)."""
+itself: tests/model/test_attention.py)."""
 
 from __future__ import annotations
 
