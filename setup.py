@@ -13,6 +13,7 @@ setup(
     extras_require={
         "train": ["deepspeed==0.19.8", "tensorboard"],
         "sentencepiece": ["sentencepiece"],
+        "plot": ["matplotlib"],  # tools/plot_runs.py, bench/long_range.py, examples/compare_attention.sh
     },
     entry_points={
         "console_scripts": [
@@ -20,6 +21,7 @@ setup(
             "mls-convert-checkpoint=megatron_ls.cli.convert_checkpoint:main",
             "mls-generate=megatron_ls.cli.generate:main",
             "mls-evaluate=megatron_ls.cli.evaluate:main",
+            "mls-plot-runs=megatron_ls.cli.plot_runs:main",
         ],
     },
 )

@@ -1,0 +1,1 @@
+"""Figures of training runs and benchmarks (matplotlib, optional: pip install 'megatron-ls[plot]')."""
