@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> dict:
         bar.close()
     out = dict(result.to_dict(), model=os.path.abspath(args.model), checkpoint=opened.provenance,
                data_path=args.data_path, split=args.split,
-               max_tokens=args.max_tokens, tokens_per_second=result.tokens / max(result.seconds, 1e-9))
+               max_tokens=args.max_tokens, tokens_per_second=result.tokens / max(result.seconds, 1e-9),
+               parameters=model.num_parameters(), attention_type=model.config.attention_type)
     print(f"{args.split} bits per character: {result.bpc:.4f} ({result.tokens:,} tokens predicted, context "
           f"{args.context}, step {args.step}, {result.seconds:.1f} s)")
     if args.output:

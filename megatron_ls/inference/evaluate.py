@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -46,9 +46,10 @@ def check_protocol(context: int, step: int, chunk: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_stream(model: TransformerLSLM, tokens: np.ndarray, context: int, step: int,
-                    progress: Callable[[int], None] | None = None) -> EvalResult:
-    """BPC of `tokens` (1-D) with a model whose config.mem_length is context - step."""
+def stream_logits(model: TransformerLSLM, tokens: np.ndarray, context: int,
+                  step: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(start, logits, targets) for each step of the protocol: logits (n, vocab) predict targets = tokens
+    start+1 .. start+n, each from at most `context` tokens. The model's config.mem_length must be context - step."""
     cfg = model.config
     mem = check_protocol(context, step, cfg.chunk_size)
     if cfg.mem_length != mem:
@@ -57,19 +58,29 @@ def evaluate_stream(model: TransformerLSLM, tokens: np.ndarray, context: int, st
     if total < 1:
         raise ValueError("the split holds fewer than 2 tokens: nothing to predict")
     device = next(model.parameters()).device
-    c = cfg.chunk_size
-    nats = torch.zeros((), dtype=torch.float64, device=device)
     memory = None
-    t0 = time.perf_counter()
     for start in range(0, total, step):
         n = min(step, total - start)
         window = torch.from_numpy(np.asarray(tokens[start: start + n + 1], dtype=np.int64)).to(device)
-        inputs, targets = pad_to_chunks(window[:-1], c), window[1:]
+        inputs, targets = pad_to_chunks(window[:-1], cfg.chunk_size), window[1:]
         logits, memory = model(inputs[None], memory)
-        logp = torch.log_softmax(logits[0, :n].double(), dim=-1)
-        nats -= logp.gather(-1, targets[:, None]).sum()
+        yield start, logits[0, :n], targets
+
+
+@torch.no_grad()
+def evaluate_stream(model: TransformerLSLM, tokens: np.ndarray, context: int, step: int,
+                    progress: Callable[[int], None] | None = None) -> EvalResult:
+    """BPC of `tokens` (1-D) with a model whose config.mem_length is context - step."""
+    nats = None
+    total = 0
+    t0 = time.perf_counter()
+    for _, logits, targets in stream_logits(model, tokens, context, step):
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        step_nats = -logp.gather(-1, targets[:, None]).sum()
+        nats = step_nats if nats is None else nats + step_nats
+        total += len(targets)
         if progress is not None:
-            progress(n)
+            progress(len(targets))
     seconds = time.perf_counter() - t0
     nats_per_token = float(nats) / total
     return EvalResult(nats_per_token / math.log(2), nats_per_token, total, context, step, seconds)
