@@ -13,7 +13,8 @@ setup(
     extras_require={
         "train": ["deepspeed==0.19.8", "tensorboard"],
         "sentencepiece": ["sentencepiece"],
-        "plot": ["matplotlib"],  # tools/plot_runs.py, bench/long_range.py, examples/compare_attention.sh
+        # tools/plot_runs.py, tools/compare_runs.py, bench/long_range.py, examples/compare_attention.sh
+        "plot": ["matplotlib"],
     },
     entry_points={
         "console_scripts": [
@@ -22,6 +23,7 @@ setup(
             "mls-generate=megatron_ls.cli.generate:main",
             "mls-evaluate=megatron_ls.cli.evaluate:main",
             "mls-plot-runs=megatron_ls.cli.plot_runs:main",
+            "mls-compare-runs=megatron_ls.cli.compare_runs:main",
         ],
     },
 )

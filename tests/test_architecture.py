@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "megatron_ls")
 # Bottom up; packages on one floor may not import each other. The root modules (errors.py, temp_files.py,
 # tool_signals.py, output_check.py) are the ground floor under them all.
-FLOORS = [("parallel",), ("kernels",), ("model",), ("data",), ("checkpoint",), ("training", "inference"), ("cli",)]
+FLOORS = [("parallel",), ("kernels",), ("model",), ("data",), ("checkpoint",), ("training", "inference"),
+          ("plotting",), ("cli",)]
 FLOOR_OF = {pkg: i + 1 for i, names in enumerate(FLOORS) for pkg in names}
 
 

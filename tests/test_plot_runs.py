@@ -118,3 +118,46 @@ def test_without_matplotlib_one_line_says_how_to_get_it(tmp_path, monkeypatch, c
     assert err == ("plot_runs.py: error: matplotlib is not installed: pip install 'megatron-ls[plot]' "
                    "(or pip install -r requirements.txt)")
     assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_compare_table_and_context_plot(tmp_path, capsys):
+    from megatron_ls.cli.compare_runs import main as compare_main
+
+    runs = []
+    for name, bpcs in (("long-short", (2.4, 2.3)), ("window", (2.5, 2.5))):
+        run_ = write_metrics(tmp_path / name, [train_record(1), train_record(2),
+                                               {"iteration": 2, "valid_loss": 1.7, "valid_bpc": 2.45}])
+        os.makedirs(tmp_path / name / "eval")
+        for ctx, bpc in zip((128, 512), bpcs):
+            (tmp_path / name / "eval" / f"context_{ctx}.json").write_text(
+                json.dumps({"bpc": bpc, "context": ctx, "step": 128, "parameters": 1000 + len(name)}))
+        runs.append(run_)
+    out = tmp_path / "ctx.png"
+    assert compare_main([*runs, "--output", str(out), "--summary", str(tmp_path / "s.json")]) == 0
+    assert png_size(str(out)) == (800, 500)
+    table = capsys.readouterr().out
+    assert "ctx 128" in table and "ctx 512" in table and "2.300" in table and "1,010" in table
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert rows[0]["test_bpc"] == {"128": 2.4, "512": 2.3} and rows[1]["valid_bpc"] == 2.45
+    # A run without evaluations: one line, exit 1.
+    os.makedirs(tmp_path / "bare")
+    write_metrics(tmp_path / "bare", [train_record(1)])
+    assert compare_main([runs[0], str(tmp_path / "bare"), "--output", str(out)]) == 1
+    assert capsys.readouterr().err.strip().endswith("holds no tools/evaluate.py results (*.json)")
+
+
+@pytest.mark.slow
+def test_compare_attention_example_runs_small(tmp_path):
+    """examples/compare_attention.sh at 2 steps, two types, two contexts, 2,000 test tokens: its pictures and table."""
+    data = make_shards(str(tmp_path / "data" / "pydoc"))
+    out = tmp_path / "compare"
+    r = subprocess.run(["bash", os.path.join(ROOT, "examples", "compare_attention.sh"), "--data-path", data,
+                        "--out", str(out), "--iters", "2", "--contexts", "128 256", "--types", "long-short window",
+                        "--eval-tokens", "2000"], env=env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert png_size(str(out / "valid_bpc.png")) == (1200, 800)
+    assert png_size(str(out / "test_bpc_by_context.png")) == (800, 500)
+    rows = json.loads((out / "summary.json").read_text())
+    assert [row["run"] for row in rows] == ["long-short", "window"]
+    assert all(set(row["test_bpc"]) == {"128", "256"} and row["parameters"] > 0 for row in rows)
+    assert "ctx 256" in r.stdout

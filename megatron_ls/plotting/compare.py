@@ -1,6 +1,6 @@
 """Test BPC against context for several runs, and the comparison table (examples/compare_attention.sh).
 
-    python -m megatron_ls.plotting.compare runs/compare/long-short runs/compare/window runs/compare/full \\
+    python tools/compare_runs.py runs/compare/long-short runs/compare/window runs/compare/full \\
         --output runs/compare/test_bpc_by_context.png
 
 Each RUN is a training --save folder holding ``eval/*.json``, the outputs of tools/evaluate.py --output (one per
@@ -10,18 +10,14 @@ and the test BPC at each context.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 
-from megatron_ls.plotting.figure import PlotError, check_output, new_figure, save
+from megatron_ls.plotting.figure import new_figure, save
 from megatron_ls.plotting.runs import RunError, read_run, unique_names
-
-PROG = "compare"
 
 
 def read_evaluations(run: str) -> dict[int, dict]:
@@ -84,28 +80,3 @@ def plot_contexts(rows: Sequence[dict], output: str, width_px: int = 800, height
     ax.set_title("test BPC against context", fontsize=10)
     fig.tight_layout()
     save(fig, output)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", metavar="RUN")
-    p.add_argument("--output", required=True, help="PNG or SVG of test BPC against context")
-    p.add_argument("--summary", help="also write the table's numbers as JSON here")
-    args = p.parse_args(argv)
-    try:
-        check_output(args.output)
-        rows = summarize(args.runs)
-        plot_contexts(rows, args.output)
-    except (RunError, PlotError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    print(table(rows))
-    if args.summary:
-        with open(args.summary, "w") as f:
-            json.dump(rows, f, indent=1)
-    print(f"wrote {args.output}" + (f" and {args.summary}" if args.summary else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

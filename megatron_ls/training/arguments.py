@@ -23,7 +23,7 @@ from megatron_ls.parallel.layout import ParallelLayout
 # Model flags: argparse dest -> TransformerLSConfig field (identical names).
 MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "attention_type",
                 "attention_impl", "window_size", "chunk_size", "chunk_rank", "mem_length", "dropout",
-                "attention_dropout", "vocab_size")
+                "attention_dropout", "max_landmark_distance", "vocab_size")
 
 # Defaults applied after preset / DeepSpeed JSON resolution (None-parsed flags only).
 RUN_DEFAULTS: dict[str, object] = {
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, help=model_default("dropout"))
     g.add_argument("--attention-dropout", type=float,
                    help=f"on the joint attention probabilities {model_default('attention_dropout')}")
+    g.add_argument("--max-landmark-distance", type=int, metavar="D",
+                   help="clamp of the landmark distance (in chunks) of the position term: landmarks D or more "
+                        "chunks back share one position row (default: no clamp)")
     g.add_argument("--vocab-size", type=int, help="must match the shards' vocabulary (default: the shards')")
 
     g = p.add_argument_group("run")
