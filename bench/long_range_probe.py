@@ -1,6 +1,7 @@
 """Where a long-short model's attention goes at the recall queries beyond its window (bench/long_range.py).
 
-    python bench/long_range_probe.py runs/long_range/runs/long-short runs/long_range/data/recall
+    python bench/long_range_probe.py runs/long_range/runs/long-short runs/long_range/data/recall \
+        --output bench/results/long_range-probe.json
 
 For every layer and head, averaged over the test queries at distances >= 2w (a window of them):
 - ``landmark_mass``: attention probability on all landmarks (the rest is on the window);
@@ -156,8 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", help="a long-short training checkpoint folder (or consolidated)")
     p.add_argument("data_path", help="the recall shards' prefix")
     p.add_argument("--max-tokens", type=int, default=12_000)
+    p.add_argument("--output", help="write the JSON here (default: print it)")
     a = p.parse_args(argv)
-    print(json.dumps(probe(a.run, a.data_path, a.max_tokens), indent=1))
+    text = json.dumps(probe(a.run, a.data_path, a.max_tokens), indent=1)
+    if a.output:
+        with open(a.output, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote {a.output}")
+    else:
+        print(text)
     return 0
 
 

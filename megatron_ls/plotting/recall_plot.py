@@ -20,7 +20,7 @@ def plot_recall(result: dict, output: str, width_px: int = 900, height_px: int =
     ax.axhline(result["chance"], color="grey", linestyle=":", label=f"chance ({result['chance']:.1%})")
     ax.axhline(10 * result["chance"], color="grey", linestyle="--", linewidth=0.8, label="10 x chance")
     ax.axvline(1.0, color="black", linewidth=0.8, alpha=0.5)
-    ax.text(1.0, 1.02, " window", transform=ax.get_xaxis_transform(), fontsize=8, va="bottom")
+    ax.text(1.0, 0.97, " window", transform=ax.get_xaxis_transform(), fontsize=8, va="top")
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"distance from the record (in windows, w = {w} bytes; bucket centres)")
     ax.set_ylabel("recall accuracy (most likely byte = value)")
