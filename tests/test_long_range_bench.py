@@ -96,3 +96,33 @@ def test_scorer_reads_each_query_from_the_right_logits_row():
     buckets = by_distance(queries, predicted, probability, [4, 16, 1000])
     assert sum(b.queries for b in buckets) == len(queries)
     assert sum(b.correct for b in buckets) == int((predicted == [q.value for q in queries]).sum())
+
+
+def test_every_byte_within_the_memory_reaches_the_prediction_and_none_beyond():
+    """The long-range path has no blind spot in the evaluation protocol: at a row of a late segment, changing the
+    input byte at any distance the memory covers (window, then landmarks of memory and segment chunks) changes
+    the logits, and one beyond the memory's reach changes nothing (1 layer, so nothing travels further)."""
+    import torch
+
+    from megatron_ls.inference.evaluate import stream_logits
+    from megatron_ls.model import TransformerLSConfig
+    from megatron_ls.model.lm import TransformerLSLM
+
+    N, M, w = 32, 64, 16
+    torch.manual_seed(0)
+    cfg = TransformerLSConfig(vocab_size=256, num_layers=1, hidden_size=32, num_attention_heads=2,
+                              ffn_hidden_size=64, window_size=w, chunk_size=8, mem_length=M, dropout=0.0)
+    model = TransformerLSLM(cfg).eval().double()
+    tokens = np.random.default_rng(0).integers(0, 256, 300).astype(np.int64)
+    row = 250  # input position whose logits predict token row + 1; its segment starts at 224
+    reach = row - (row // N * N - M)  # the memory starts M tokens before the segment
+
+    def logits(t: np.ndarray) -> torch.Tensor:
+        return next(lg[row - start] for start, lg, _ in stream_logits(model, t, M + N, N) if row - start < N)
+
+    base = logits(tokens)
+    for d in (0, w - 1, w, w + 7, 40, reach - 1, reach, reach + 1, reach + 20):
+        changed = tokens.copy()
+        changed[row - d] = (changed[row - d] + 1) % 256
+        delta = float((logits(changed) - base).abs().max())
+        assert (delta > 1e-9) == (d <= reach), (d, reach, delta)
