@@ -126,3 +126,11 @@ def test_every_byte_within_the_memory_reaches_the_prediction_and_none_beyond():
         changed[row - d] = (changed[row - d] + 1) % 256
         delta = float((logits(changed) - base).abs().max())
         assert (delta > 1e-9) == (d <= reach), (d, reach, delta)
+
+
+@pytest.mark.parametrize("flags", [["--types", "long-short,bogus"], ["--max-windows", "12"], ["--window", "30"]])
+def test_bad_flags_are_one_line(tmp_path, flags):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "long_range.py"), "--work-dir", str(tmp_path),
+                        *flags], env=env(), capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("long_range.py: error:") and r.stderr.count("\n") == 1
+    assert not os.listdir(tmp_path)
