@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 
 import pytest
+from png_files import png_size
 from training_utils import ROOT, TINY, env, make_shards, run
 
 from megatron_ls.cli.plot_runs import main
@@ -16,13 +16,6 @@ from megatron_ls.plotting.runs import read_run
 
 TOOL = os.path.join(ROOT, "tools", "plot_runs.py")
 
-
-def png_size(path: str) -> tuple[int, int]:
-    """(width, height) from a PNG's IHDR chunk; fails unless the file is a PNG."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", f"{path} is not a PNG"
-    return struct.unpack(">II", head[16:24])
 
 
 def write_metrics(folder, records, tail: str = "") -> str:
