@@ -298,11 +298,31 @@ class TrainEngine:
         self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest)
 
     def load_checkpoint(self, load_dir: str, tag: str | None = None, load_optimizer_states: bool = True,
-                        load_module_only: bool = False) -> tuple[str | None, dict[str, Any] | None]:
-        """(path loaded or None, client_state); module only = weights only (the paper's phase change)."""
-        return self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
-                                           load_lr_scheduler_states=not load_module_only,
-                                           load_module_only=load_module_only)
+                        load_module_only: bool = False,
+                        universal: bool = False) -> tuple[str | None, dict[str, Any] | None]:
+        """(path loaded or None, client_state); module only = weights only (the paper's phase change). ``universal``:
+        the folder is DeepSpeed's universal checkpoint, from which ZeRO cuts this group's partitions."""
+        config = self.engine._config  # DeepSpeed reads the switch at load time; saves keep the normal format
+        before = config.load_universal_checkpoint
+        config.load_universal_checkpoint = universal
+        # Two slips of DeepSpeed 0.19.8's ZeRO-3 universal load, undone below: it gives every parameter group group
+        # 0's settings (the norms and biases would decay), and one `step` tensor to all of them (AdamW adds 1 to it
+        # in place once per group and step, so the bias corrections run ahead).
+        decay = [g.get("weight_decay") for g in self.engine.optimizer.param_groups] if universal else []
+        try:
+            result = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
+                                                 load_lr_scheduler_states=not load_module_only,
+                                                 load_module_only=load_module_only)
+        finally:
+            config.load_universal_checkpoint = before
+        for group, wd in zip(self.engine.optimizer.param_groups, decay):
+            group["weight_decay"] = wd
+        if universal:
+            inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO's torch optimizer
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+        return result
 
     def refresh_lr(self) -> None:
         """Set the optimizer's rate from the scheduler's own iteration: after a resume that overrides the schedule,

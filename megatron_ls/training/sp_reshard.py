@@ -8,11 +8,11 @@ model files, so DeepSpeed's files load as they are. What this module reshards is
 - the RNG states: those of the old SP rank whose slice holds the new rank's first position, so a run without
   dropout continues exactly; dropout masks are drawn per shard and cannot match any one degree.
 
-Refused (one line each, see check_sp_reshard): ZeRO 1-3, whose partitions of the optimizer (and with ZeRO-3 the
-parameters) DeepSpeed 0.19.8 will not load into a DP x SP group of another size ("Automatic adjustment of
-ZeRO's optimizer state partitioning with a new world size is not currently supported"); bf16 with pipeline
-parallelism (DeepSpeed's BF16_Optimizer, partitioned the same way); Megatron's --sequence-parallel on either
-side (the memory is then also split over TP); and any other layout change.
+Under ZeRO 1-3, whose partitions of the optimizer state (and with ZeRO-3 of the weights) follow the DP x SP
+group, DeepSpeed's own files go through its universal checkpoint (zero_reshard.py). Refused (one line each, see
+check_sp_reshard): bf16 with pipeline parallelism (DeepSpeed's BF16_Optimizer partitions the same way, and its
+files are not ones DeepSpeed 0.19.8's universal converter reads); Megatron's --sequence-parallel on either side
+(the memory is then also split over TP); and any other layout change.
 """
 
 from __future__ import annotations
@@ -29,23 +29,15 @@ def check_sp_reshard(saved: dict[str, Any], run: dict[str, Any], path: str) -> N
     """Raise CheckpointError if a resume from layout ``saved`` cannot be resharded to ``run``'s SP degree."""
     old, new = saved.get("sequence_parallel_size", 1), run.get("sequence_parallel_size", 1)
     why = ""
-    if run.get("zero_stage", 0) > 0:
-        why = (f"DeepSpeed cannot load ZeRO-{run['zero_stage']}'s partitions into a DP x SP group of another size "
-               f"({saved_dp_sp(saved, run, old)} -> {saved_dp_sp(saved, run, new)})")
-    elif saved.get("sequence_parallel") or run.get("sequence_parallel"):
+    if saved.get("sequence_parallel") or run.get("sequence_parallel"):
         why = "with --sequence-parallel the memory is split over TP as well"
     elif run.get("bf16") and run.get("pipeline_model_parallel_size", 1) > 1:
-        why = "DeepSpeed's bf16 pipeline optimizer partitions its state over DP x SP and cannot repartition it"
+        why = ("DeepSpeed's bf16 pipeline optimizer partitions its state over DP x SP, and DeepSpeed 0.19.8 can "
+               "neither repartition it nor convert it to its universal format")
     if why:
         raise CheckpointError(f"checkpoint {path} was saved with --sequence-parallel-size {old}, this run has {new}: "
                               f"{why}; resume with --sequence-parallel-size {old}, or start a new phase from its "
                               "weights with --finetune")
-
-
-def saved_dp_sp(saved: dict[str, Any], run: dict[str, Any], sp: int) -> int:
-    """The size of the DP x SP group (ZeRO's) at SP degree ``sp``; DP is the same before and after."""
-    model = run.get("tensor_model_parallel_size", 1) * run.get("pipeline_model_parallel_size", 1)
-    return run["world_size"] // (model * run.get("sequence_parallel_size", 1)) * sp
 
 
 def saved_layout(layout: dict[str, Any], world_size: int, zero_stage: int) -> ParallelLayout:

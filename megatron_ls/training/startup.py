@@ -21,6 +21,7 @@ from .logging import print_rank0
 from .run_folder import check_no_previous_run
 from .settings import RunSettings
 from .sp_reshard import old_ranks, resharded_state, saved_layout
+from .zero_reshard import load_universal, partitioned
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,10 @@ def start_state(args: RunSettings, data: RunData, config: Any, run: dict[str, An
             raise ConfigError(f"checkpoint {path} is at iteration {info['iteration']}, beyond --train-iters "
                               f"{args.train_iters}: raise --train-iters to train on (or --finetune to start a new "
                               "phase from its weights)")
-        ckpt.load_engine_state(engine, path, finetune=False)
+        if (info.get("layout") or {}).get("sequence_parallel_size", 1) != args.layout.sp and partitioned(args):
+            load_universal(engine, path)  # the optimizer's partitions recut for the new DP x SP group
+        else:
+            ckpt.load_engine_state(engine, path, finetune=False)
         if args.override_opt_param_scheduler:
             engine.refresh_lr()  # the next update runs at this run's schedule, not the checkpoint's
         ckpt.agree_on_checkpoint(lambda: _restore_local_state(path, info, args.layout, train_data, engine),

@@ -46,20 +46,58 @@ def _close(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
     return [i for i, _ in a] == [i for i, _ in b] and all(abs(x - y) <= 1e-5 * abs(y) for (_, x), (_, y) in zip(a, b))
 
 
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory) -> list[tuple[int, float]]:
+    """The losses of 6 iterations in one process, no dropout (SP shards draw their own masks)."""
+    save = str(tmp_path_factory.mktemp("whole"))
+    assert run(["--data-path", data, *TINY, "--dropout", "0", "--train-iters", "6", "--save", save]).returncode == 0
+    return train_losses(save)
+
+
+def _resume_across(data: str, folder: str, before: int, after: int, zero: int, model: int = 1,
+                   layout: tuple[str, ...] = ()) -> list[tuple[int, float]]:
+    """3 iterations at SP ``before``, 3 more at SP ``after``, ZeRO ``zero``; ``layout``: TP/PP flags whose product
+    is ``model`` (one process when that and SP are 1)."""
+    args = ["--data-path", data, *TINY, "--dropout", "0", "--zero-stage", str(zero), *layout, "--save", folder]
+    for sp, iters, load in ((before, "3", []), (after, "6", ["--load", folder])):
+        if sp * model == 1:
+            r = run([*args, "--train-iters", iters, *load])
+            assert r.returncode == 0, r.stderr[-3000:]
+        else:
+            _ranks([*args, "--sequence-parallel-size", str(sp), "--train-iters", iters, *load], world=sp * model)
+    assert not [n for n in os.listdir(folder) if n.startswith(".")], os.listdir(folder)  # no universal copy left
+    return train_losses(folder)
+
+
 @pytest.mark.timeout(400)
-def test_a_resume_with_another_sp_degree_continues_the_run(data, tmp_path):
-    """SP 2 -> 1 and 1 -> 2 halfway: the memory cache resharded, the losses those of one process throughout (no
-    dropout: masks are drawn per shard). ZeRO 1-3 are refused (DeepSpeed will not repartition): test_sp_reshard."""
-    args = ["--data-path", data, *TINY, "--dropout", "0"]
-    whole, down, up = str(tmp_path / "whole"), str(tmp_path / "down"), str(tmp_path / "up")
-    assert run([*args, "--train-iters", "6", "--save", whole]).returncode == 0
-    _ranks([*args, *SP2, "--train-iters", "3", "--save", down])
-    r = run([*args, "--train-iters", "6", "--save", down, "--load", down])
+def test_a_resume_with_another_sp_degree_continues_the_run(data, one_process, tmp_path):
+    """SP 2 -> 1 and 1 -> 2 halfway: the memory cache resharded, the losses those of one process throughout."""
+    for before, after in ((2, 1), (1, 2)):
+        losses = _resume_across(data, str(tmp_path / f"sp{before}to{after}"), before, after, zero=0)
+        assert _close(losses, one_process), (before, after, losses, one_process)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("zero,before,after", [(1, 2, 1), (2, 1, 2), (3, 2, 1)])
+def test_zero_partitions_are_recut_for_another_sp_degree(data, one_process, tmp_path, zero, before, after):
+    """ZeRO shards the optimizer (ZeRO-3 also the weights) over DP x SP: a resume with another SP degree goes
+    through DeepSpeed's universal checkpoint, converted beside the checkpoint and removed after the load."""
+    losses = _resume_across(data, str(tmp_path / "run"), before, after, zero)
+    assert _close(losses, one_process), (losses, one_process)
+
+
+@pytest.mark.timeout(400)
+def test_zero_recut_with_pipeline_or_tensor_parallelism(data, one_process, tmp_path):
+    """The universal checkpoint with pipeline stages (PP 2, ZeRO-1) and tensor-parallel slices (TP 2, ZeRO-2)."""
+    losses = _resume_across(data, str(tmp_path / "pp"), 2, 1, 1, 2, ("--pipeline-model-parallel-size", "2"))
+    assert _close(losses, one_process), (losses, one_process)
+    tp = ("--tensor-model-parallel-size", "2", "--num-attention-heads", "4")  # Ulysses: SP divides heads per rank
+    whole = str(tmp_path / "whole")
+    r = run(["--data-path", data, *TINY, "--dropout", "0", "--num-attention-heads", "4", "--train-iters", "6",
+             "--save", whole])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _close(train_losses(down), train_losses(whole)), (train_losses(down), train_losses(whole))
-    assert run([*args, "--train-iters", "3", "--save", up]).returncode == 0
-    _ranks([*args, *SP2, "--train-iters", "6", "--save", up, "--load", up])
-    assert _close(train_losses(up), train_losses(whole)), (train_losses(up), train_losses(whole))
+    losses = _resume_across(data, str(tmp_path / "tp"), 2, 1, 2, 2, tp)
+    assert _close(losses, train_losses(whole)), (losses, train_losses(whole))
 
 
 @pytest.mark.timeout(300)
