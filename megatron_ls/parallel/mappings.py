@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ls.parallel import mpu, tensor_sequence
+from megatron_ls.parallel.adjoint import adjoint_pair
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -39,44 +40,10 @@ def _gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-class _Copy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.clone())
-
-
-class _Reduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _all_reduce(x.clone())
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class _Scatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _split_last_dim(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last_dim(grad)
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _gather_last_dim(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_last_dim(grad)
+_Copy = adjoint_pair("_Copy", lambda x: x, lambda grad: _all_reduce(grad.clone()))
+_Reduce = adjoint_pair("_Reduce", lambda x: _all_reduce(x.clone()), lambda grad: grad)
+_Scatter = adjoint_pair("_Scatter", _split_last_dim, _gather_last_dim)
+_Gather = adjoint_pair("_Gather", _gather_last_dim, _split_last_dim)
 
 
 def copy_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
@@ -99,20 +66,9 @@ def gather_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
     return _Gather.apply(x) if mpu.get_tensor_model_parallel_world_size() > 1 else x
 
 
-class _SumPartials(torch.autograd.Function):
-    """Sum of per-rank partial results that feed partitioned computation downstream.
-
-    Forward all-reduces; backward all-reduces too, because each rank's partitioned consumers
-    contribute only part of the gradient of the replicated sum.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        return _all_reduce(x.clone())
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.clone())
+# Sum of per-rank partial results that feed partitioned computation downstream: the backward all-reduces too,
+# because each rank's partitioned consumers contribute only part of the gradient of the replicated sum.
+_SumPartials = adjoint_pair("_SumPartials", lambda x: _all_reduce(x.clone()), lambda grad: _all_reduce(grad.clone()))
 
 
 def sum_partials_across_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:

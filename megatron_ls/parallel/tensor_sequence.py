@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ls.parallel import mpu
+from megatron_ls.parallel.adjoint import adjoint_pair
 
 
 def enabled() -> bool:
@@ -50,46 +51,18 @@ def _split(x: torch.Tensor) -> torch.Tensor:
     return x[:, mpu.get_tensor_model_parallel_rank() * n:(mpu.get_tensor_model_parallel_rank() + 1) * n].contiguous()
 
 
-class _GatherAlongSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _gather(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad)
+_GatherAlongSequence = adjoint_pair("_GatherAlongSequence", _gather, _reduce_scatter)
+_ReduceScatterAlongSequence = adjoint_pair("_ReduceScatterAlongSequence", _reduce_scatter, _gather)
+_SplitAlongSequence = adjoint_pair("_SplitAlongSequence", _split, _gather)
 
 
-class _ReduceScatterAlongSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _reduce_scatter(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad)
+def _all_reduce_tp(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.contiguous().clone()
+    dist.all_reduce(grad, group=mpu.get_tensor_model_parallel_group())
+    return grad
 
 
-class _SplitAlongSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _split(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad)
-
-
-class _Shared(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, p):
-        return p
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=mpu.get_tensor_model_parallel_group())
-        return grad
+_Shared = adjoint_pair("_Shared", lambda p: p, _all_reduce_tp)
 
 
 def gather_along_sequence(x: torch.Tensor) -> torch.Tensor:
