@@ -28,7 +28,7 @@ class FakeEngine:
         if dist.is_initialized():
             dist.barrier()
 
-    def load_checkpoint(self, load_dir, tag, load_optimizer_states=True, load_module_only=False):
+    def load_checkpoint(self, load_dir, tag, load_optimizer_states=True, load_module_only=False, universal=False):
         self.value = float(torch.load(os.path.join(load_dir, tag, "mp_rank_00_model_states.pt"))["w"][0])
         return load_dir, {}
 

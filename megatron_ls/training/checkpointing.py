@@ -229,8 +229,9 @@ def load_local_state(path: str, rank: int | None = None) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {os.path.basename(f)} ({e})") from None
 
 
-def load_engine_state(engine: Any, path: str, finetune: bool) -> None:
-    """Collective. DeepSpeed's part: everything on resume, the module's weights only with --finetune.
+def load_engine_state(engine: Any, path: str, finetune: bool, universal: bool = False) -> None:
+    """Collective. DeepSpeed's part: everything on resume, the module's weights only with --finetune;
+    ``universal``: ``path`` is DeepSpeed's universal checkpoint (zero_reshard.py).
 
     Agreed across ranks: a rank whose load fails alone would leave the others waiting in the next collective.
     (A failure inside one of DeepSpeed's own collectives during the load cannot be caught here.)
@@ -240,7 +241,7 @@ def load_engine_state(engine: Any, path: str, finetune: bool) -> None:
     def load() -> None:
         try:
             result = engine.load_checkpoint(load_dir, tag, load_optimizer_states=not finetune,
-                                            load_module_only=finetune)
+                                            load_module_only=finetune, universal=universal)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - DeepSpeed raises many kinds; the message is what matters

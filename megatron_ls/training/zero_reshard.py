@@ -20,6 +20,7 @@ from typing import Any
 
 from megatron_ls.errors import CheckpointError
 
+from .checkpointing import load_engine_state
 from .collectives import agree, barrier, global_rank
 
 UNIVERSAL_SUFFIX = ".universal"
@@ -63,16 +64,8 @@ def load_universal(engine: Any, path: str) -> None:
     optimizer state cut for this DP x SP group, the scheduler and DeepSpeed's counters."""
     agree(lambda: convert_to_universal(path) if global_rank() == 0 else None, "converting the checkpoint")
     folder = universal_folder(path)
-
-    def load() -> None:
-        try:
-            engine.load_checkpoint(os.path.dirname(folder), os.path.basename(folder), universal=True)
-        except Exception as e:  # noqa: BLE001 - DeepSpeed raises many kinds; the message is what matters
-            raise CheckpointError(f"DeepSpeed could not load the universal copy of {path}: "
-                                  f"{type(e).__name__}: {e}") from None
-
     try:
-        agree(load, "loading the checkpoint")
+        load_engine_state(engine, folder, finetune=False, universal=True)
     finally:
         barrier()
         if global_rank() == 0:

@@ -47,7 +47,7 @@ def test_interrupted_save_keeps_previous(tmp_path):
 
 def _load_fails_on_rank1(rank: int, world: int, path: str) -> None:
     class Engine(FakeEngine):
-        def load_checkpoint(self, load_dir, tag, load_optimizer_states=True, load_module_only=False):
+        def load_checkpoint(self, load_dir, tag, load_optimizer_states=True, load_module_only=False, universal=False):
             if rank == 1:
                 raise RuntimeError("size mismatch for embedding.weight")
             return super().load_checkpoint(load_dir, tag, load_optimizer_states, load_module_only)
