@@ -98,6 +98,8 @@ def _run(engine_factory, layout, plan: dict[str, Any], out_dir: str) -> dict[str
     grads: list[dict[str, torch.Tensor]] = []
 
     def watch(e) -> list[int]:
+        if plan.get("loss_weights"):  # --loss-weight: token t's loss scaled by t % 3 (0, 1 or 2)
+            e.set_loss_weights((torch.arange(e.config.vocab_size) % 3).float())
         if plan.get("grads", True):
             e.add_pre_step_hook(lambda: grads.append(full_gradients(e)))
         return _count_attention_calls(e.module)

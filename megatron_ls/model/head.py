@@ -43,3 +43,10 @@ def logits_local(hidden: torch.Tensor, weight: torch.Tensor, part: VocabPartitio
         cols = torch.arange(part.vocab_start, part.vocab_start + n_local, device=logits.device)
         logits = logits.masked_fill(cols >= part.vocab_size, neg_value(logits.dtype))
     return logits
+
+
+def mean_loss(nats: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over tokens of the per-token loss, each scaled by its target's weight when `weights` (vocab,) is
+    given (--loss-weight). Divided by the token count, not the weights' sum: every rank's share of a batch then
+    adds up to one process's loss, whatever the layout."""
+    return nats.mean() if weights is None else (nats * weights[targets]).mean()

@@ -18,7 +18,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
 from megatron_ls.model.config import TransformerLSConfig
-from megatron_ls.model.head import VocabPartition, embed, logits_local
+from megatron_ls.model.head import VocabPartition, embed, logits_local, mean_loss
 from megatron_ls.model.layer import TransformerLSLayer
 from megatron_ls.model.lm import TransformerLSLM
 from megatron_ls.model.memory import LaneMemory, update_memory
@@ -113,7 +113,8 @@ class FinalNormPipe(nn.LayerNorm):
 
 
 class PipeLoss:
-    """loss_fn of the pipeline: mean nats per token through vocab-parallel cross entropy.
+    """loss_fn of the pipeline: mean nats per token through vocab-parallel cross entropy (in training scaled by
+    `weights`, the --loss-weight of each target token, when set).
 
     While `accumulate` is on (evaluation) it also adds the exact sum of nats and the token count of every
     micro-batch, in float64, on the last stage; only of the first `valid_length` positions when that is set
@@ -125,6 +126,7 @@ class PipeLoss:
         self.valid_length: int | None = None
         self.sum_nats = 0.0
         self.tokens = 0
+        self.weights: torch.Tensor | None = None
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         nats = vocab_parallel_cross_entropy(logits, targets)
@@ -132,7 +134,8 @@ class PipeLoss:
             kept = nats.detach() if self.valid_length is None else nats.detach()[..., : self.valid_length]
             self.sum_nats += float(kept.double().sum())
             self.tokens += kept.numel()
-        return nats.mean()
+            return nats.mean()
+        return mean_loss(nats, targets, self.weights)
 
 
 class TransformerLSPipe(PipelineModule):

@@ -19,6 +19,7 @@ from typing import NoReturn
 
 from megatron_ls.errors import ConfigError
 from megatron_ls.parallel.layout import ParallelLayout
+from megatron_ls.training.loss_weights import parse_spec
 
 # Model flags: argparse dest -> TransformerLSConfig field (identical names).
 MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "attention_type",
@@ -123,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"),
                    help=f"after warm-up {_default(RUN_DEFAULTS['lr_decay_style'])}")
     g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay {_default(RUN_DEFAULTS['weight_decay'])}")
+    g.add_argument("--loss-weight", action="append", metavar="CHARS=W",
+                   help="scale the training loss of predicting any of CHARS by W (x-y ranges allowed; repeatable), "
+                        "e.g. the answers of a synthetic task: a-z=20. The logged training loss is the weighted one; "
+                        "validation and test are not weighted (default: every token 1)")
     g.add_argument("--clip-grad", type=float,
                    help=f"gradient-norm clipping, 0 = off {_default(RUN_DEFAULTS['clip_grad'])}")
     g.add_argument("--adam-beta1", type=float, help=_default(RUN_DEFAULTS["adam_beta1"]))
@@ -311,6 +316,8 @@ def finalize_run_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError(f"--min-lr ({args.min_lr}) must be in [0, --lr ({args.lr})]")
     if args.lr_warmup_iters < 0:
         raise ConfigError(f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
+    for spec in args.loss_weight or ():
+        parse_spec(spec)  # the syntax here; the characters against the data's tokenizer once it is read
     if not (math.isfinite(args.clip_grad) and args.clip_grad >= 0):
         raise ConfigError(f"--clip-grad must be a finite number >= 0, got {args.clip_grad}")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megatron_ls.errors import ParallelConfigError
 from megatron_ls.model.config import TransformerLSConfig
+from megatron_ls.model.head import mean_loss
 from megatron_ls.model.lm import TransformerLSLM, pad_to_chunks
 from megatron_ls.model.long_short_attention import set_selective_recompute
 from megatron_ls.model.memory import LaneMemory
@@ -90,7 +91,14 @@ class TrainEngine:
         self._update_skipped = False
         self._act_shape: tuple[int, ...] | None = None
         self._pre_step_hooks: list = []
+        self._loss_weights: torch.Tensor | None = None
         self._wrap_model_step()
+
+    def set_loss_weights(self, weights: torch.Tensor | None) -> None:
+        """Scale each target token's training loss by weights[token] (--loss-weight); None: the plain mean."""
+        self._loss_weights = None if weights is None else weights.to(self.layout.device)
+        if self.pipelined:
+            self.module.pipe_loss.weights = self._loss_weights
 
     # ---- properties the loop logs ---------------------------------------------------------------------------------
     @property
@@ -132,7 +140,8 @@ class TrainEngine:
 
     # ---- the step -------------------------------------------------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """One optimizer step on this DP rank's lanes (G/dp, N); returns the global mean loss in nats per token.
+        """One optimizer step on this DP rank's lanes (G/dp, N); returns the global mean loss in nats per token
+        (weighted as set_loss_weights says).
 
         update_skipped then tells whether the optimizer step was skipped (non-finite gradients).
         """
@@ -173,7 +182,7 @@ class TrainEngine:
             rows = slice(i * mb, (i + 1) * mb)
             nats, new_memory = self.engine(inputs[rows], memory=self._lane_memory(TRAIN, i, mb), labels=targets[rows])
             self.lanes.put_layers(TRAIN, i, new_memory)
-            loss = nats.mean()
+            loss = mean_loss(nats, targets[rows], self._loss_weights)
             self.engine.backward(loss / divisor if divisor > 1 else loss)  # DeepSpeed divides by the accumulation
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             total += loss.detach().double()

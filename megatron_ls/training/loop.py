@@ -24,6 +24,7 @@ from .ds_config import build_ds_config, write_ds_config
 from .evaluation import evaluate
 from .finetune import read_source
 from .logging import TrainingLogger, print_rank0
+from .loss_weights import token_loss_weights
 from .memory_check import check_memory
 from .run_folder import check_room, hold_run_folder, state_bytes
 from .schedule_resume import apply_schedule, resolve_schedule, schedule_of_config
@@ -59,6 +60,8 @@ def _train(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     data = load_data(args)
     train_tokens, valid_tokens, meta = data.train, data.valid, data.meta
     config = model_config(args, meta)
+    loss_weights = token_loss_weights(args.loss_weight, data.tokenizer, config.vocab_size,
+                                      os.path.dirname(os.path.abspath(args.data_path)))
     # Lane datasets validate sizes before any process waits on another.
     lanes(train_tokens, args, 0, args.data_parallel_size, "train")
     if valid_tokens is not None:
@@ -93,6 +96,7 @@ def _train(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                           checkpoint_activations=args.checkpoint_activations,
                           recompute_attention=args.recompute_attention,
                           initial_weights=source.weights if source else None)
+    engine.set_loss_weights(loss_weights)
 
     iteration = start_state(args, data, config, run, located, source, engine, train_data)
 
@@ -205,7 +209,8 @@ def _banner(logger: TrainingLogger, args: RunSettings, config: Any, engine: Any,
         f"window {config.window_size}, chunk {config.chunk_size} x {config.chunk_rank}, memory {config.mem_length}, "
         f"{config.attention_type}/{_core_impl(config, layout.device)}, vocab {config.vocab_size}, parameters {params}\n"
         f"layout: {layout.parallel.describe()}, "
-        f"ZeRO {args.zero_stage}, {precision}, recompute {_recompute_mode(args)}, backend {layout.backend}\n"
+        f"ZeRO {args.zero_stage}, {precision}, recompute {_recompute_mode(args)}, backend {layout.backend}"
+        + (f", loss weights {', '.join(args.loss_weight)}" if args.loss_weight else "") + "\n"
         f"batch: {args.global_batch_size} lanes x {args.seq_length} tokens = {tokens:,} tokens/step "
         f"(micro {args.micro_batch_size}, accumulation {args.gradient_accumulation_steps}); "
         f"data {args.data_path} ({meta.get('dataset', '?')}, train {meta['splits']['train']['tokens']:,} tokens)")

@@ -78,6 +78,16 @@ def test_pipeline_parallel_matches_one_process(baseline, tmp_path):
 
 
 @pytest.mark.timeout(240)
+def test_loss_weights_train_alike_with_and_without_pipelines(baseline, tmp_path):
+    # --loss-weight scales each target's loss in the local path (one process) and in the pipeline's loss function.
+    weighted = {"zero": 0, "evals": True, "loss_weights": True}
+    one = _spawn(tmp_path / "one", 1, 1, 1, [weighted], timeout=120)
+    assert_same_training(one, _spawn(tmp_path / "pp", 2, 1, 2, [weighted]), 0)
+    plain, got = baseline[0]["results"][0], one[0]["results"][0]
+    assert all(abs(a - b) > 1e-3 for a, b in zip(got["losses"], plain["losses"]))  # the weights act
+
+
+@pytest.mark.timeout(240)
 def test_pipeline_x_tensor_parallel_matches_one_process(baseline, tmp_path):
     ranks = _spawn(tmp_path, 4, 2, 2, [{"zero": 1, "evals": True, "memory_roundtrip": True}], timeout=220)
     assert_same_training(baseline, ranks, 0)
