@@ -130,8 +130,8 @@ def _collect(st: dict, call: dict, proj: torch.Tensor, tokens: np.ndarray, queri
     probs = probs[0]
     for q in queries:
         i = q.position - 1 - start  # the row that predicts the value byte
-        record = q.position - q.distance - 1 - spec.key_length  # the record's '#'
-        end = record + 1 + spec.repeats * (spec.key_length + 1)
+        end = q.position - q.distance + 1  # just past the record's last value byte (the distance counts from it)
+        record = end - spec.repeats * (spec.key_length + 1) - 1  # the record's '#'
         chunks = [j for j in range((record - base) // c, (end - 1 - base) // c + 1) if 0 <= j < n_lm]
         if not 0 <= i < N or not chunks:
             continue

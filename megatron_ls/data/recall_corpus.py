@@ -8,9 +8,11 @@ The stream is random filler (digits) with records and, later, queries of the sam
 A record is ``#`` and the pair key + value (``QKf``) written ``repeats`` times; the query is ``?`` and the pair
 once. The query's value byte is the scored prediction: nothing but the record says which of the 26 lowercase
 letters it is (chance 1/26). Keys are 2 uppercase letters, not reused while waiting for their query nor by the
-next ``recent_keys`` records. Each record is queried once, at a distance (query value byte minus the record's
-first value byte) drawn log-uniformly from [min_distance, max_distance]; when a query falls due inside filler
-or another query is due first it waits, so the actual distances are read back from the text (``find_queries``).
+next ``recent_keys`` records. Each record is queried once, at a distance d drawn log-uniformly from
+[min_distance, max_distance]: d is the query's value byte minus the record's last value byte, the nearest copy
+of the value, so a query at d >= w has no copy of its value inside a window of w. When a query falls due inside
+filler or another query is due first it waits, so the actual distances are read back from the text
+(``find_queries``).
 
 Why the pair is repeated: with r = 1 a landmark is one softmax-weighted average of the c positions of a chunk.
 A record of 16 bytes holds a whole chunk of 8 wherever the chunk boundaries fall, and every such chunk holds the
@@ -80,10 +82,11 @@ def generate(n_bytes: int, spec: RecallSpec, seed: int = 0) -> bytes:
         recent.append(key)
         live.add(key)
         value = rng.choice(VALUE_ALPHABET)
-        first_value = len(out) + len(RECORD) + spec.key_length
-        out += RECORD + (key + bytes([value])) * spec.repeats + END
+        out += RECORD + (key + bytes([value])) * spec.repeats
+        last_value = len(out) - 1
+        out += END
         distance = round(math.exp(rng.uniform(log_lo, log_hi)))
-        heapq.heappush(due, (first_value + distance, key, value))
+        heapq.heappush(due, (last_value + distance, key, value))
     return bytes(out[:n_bytes])
 
 
@@ -98,7 +101,7 @@ def _new_key(rng: random.Random, length: int, *taken) -> bytes:
 class Query:
     position: int  # index of the query's value byte in the token array (the byte to predict)
     value: int
-    distance: int  # position minus the index of the record's first value byte
+    distance: int  # position minus the index of the record's last value byte (the nearest copy of the value)
 
 
 def find_queries(tokens: np.ndarray, key_length: int = 2) -> list[Query]:
@@ -107,7 +110,7 @@ def find_queries(tokens: np.ndarray, key_length: int = 2) -> list[Query]:
     Parsed from the bytes themselves, so a split that starts or ends inside a record or query loses only those.
     """
     data = bytes(np.asarray(tokens, dtype=np.uint8))
-    records: dict[bytes, int] = {}  # key -> index of its record's first value byte (the latest record)
+    records: dict[bytes, int] = {}  # key -> index of its record's last value byte (the latest record)
     found: list[Query] = []
     i = 0
     while (i := _next_marker(data, i)) >= 0:
@@ -118,6 +121,9 @@ def find_queries(tokens: np.ndarray, key_length: int = 2) -> list[Query]:
             i += 1
             continue
         if data[i: i + 1] == RECORD:
+            pair = data[i + 1: value_at + 1]
+            while data[value_at + 1: value_at + 1 + len(pair)] == pair:  # the record's later copies
+                value_at += len(pair)
             records[key] = value_at
         elif key in records:
             found.append(Query(value_at, data[value_at], value_at - records.pop(key)))

@@ -19,9 +19,12 @@ def test_corpus_queries_are_read_back_with_their_distances():
     for q in queries:
         key = text[q.position - spec.key_length: q.position]
         assert text[q.position - spec.key_length - 1: q.position - spec.key_length] == b"?"
-        record = text.rfind(b"#" + key, 0, q.position)  # the record the query asks: its first pair holds the value
-        assert record >= 0 and text[record + 1 + spec.key_length] == q.value
-        assert q.distance == q.position - (record + 1 + spec.key_length) >= spec.min_distance
+        record = text.rfind(b"#" + key, 0, q.position)  # the record the query asks, its pair written `repeats` times
+        pair = key + bytes([q.value])
+        assert record >= 0 and text[record + 1: record + 1 + spec.repeats * len(pair)] == pair * spec.repeats
+        last_copy = record + spec.repeats * len(pair)  # distances count from the nearest copy of the value
+        assert text[last_copy] == q.value and text[last_copy + 1: last_copy + 2] == b" "
+        assert q.distance == q.position - last_copy >= spec.min_distance
         assert q.value in VALUE_ALPHABET
     # Log-uniform distances: each octave of [16, 512) holds a fair share (queries wait for filler: a little later).
     octaves = np.bincount([int(math.log2(q.distance)) - 4 for q in queries if q.distance < 512], minlength=5)
