@@ -34,6 +34,8 @@ def test_tiny_benchmark_runs_end_to_end(tmp_path):
         assert model["wall_seconds"] > 0 and model["parameters"] > 0
         with open(os.path.join(model["run"], "metrics.jsonl")) as f:
             assert sum("lm_loss" in json.loads(line) for line in f) >= 1
+        with open(os.path.join(model["run"], "iter_0000004", "run_state.json")) as f:
+            assert json.load(f)["run"]["loss_weight"] == ["a-z=20"]  # the values' loss weight, every model alike
     # Equal size: window and full get the FFN width that makes up for long-short's extra attention parameters,
     # to within half an FFN unit (2 x hidden + 1 parameters) per layer.
     params = {k: m["parameters"] for k, m in result["models"].items()}
