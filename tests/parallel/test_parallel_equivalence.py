@@ -81,6 +81,8 @@ def test_pipeline_parallel_matches_one_process(baseline, tmp_path):
 def test_loss_weights_train_alike_with_and_without_pipelines(baseline, tmp_path):
     # --loss-weight scales each target's loss in the local path (one process) and in the pipeline's loss function.
     weighted = {"zero": 0, "evals": True, "loss_weights": True}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "pp").mkdir()
     one = _spawn(tmp_path / "one", 1, 1, 1, [weighted], timeout=120)
     assert_same_training(one, _spawn(tmp_path / "pp", 2, 1, 2, [weighted]), 0)
     plain, got = baseline[0]["results"][0], one[0]["results"][0]
