@@ -9,6 +9,7 @@ the same loss as one process. Validation and test losses are never weighted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ def parse_spec(spec: str) -> tuple[str, float]:
         weight = float(number)
     except ValueError:
         weight = float("nan")
-    if not sep or not chars or not weight >= 0 or weight == float("inf"):
+    if not sep or not chars or not (math.isfinite(weight) and weight >= 0):
         raise ConfigError(f"--loss-weight {spec!r}: expected CHARS=W with W a finite number >= 0, e.g. a-z=20")
     return _expand(chars, spec), weight
 

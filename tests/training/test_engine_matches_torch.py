@@ -60,8 +60,8 @@ def _compare(rank: int, world: int, out: str) -> None:
         norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.5)
         opt.step()
         results.append((engine_loss, loss.item(), engine.lr, rate, engine.grad_norm, norm.item()))
-    params = {n: (p.detach().clone(), dict(plain.named_parameters())[n].detach().clone())
-              for n, p in engine.module.named_parameters()}
+    plain_params = dict(plain.named_parameters())
+    params = {n: (p.detach().clone(), plain_params[n].detach().clone()) for n, p in engine.module.named_parameters()}
     torch.save({"steps": results, "params": params}, os.path.join(out, "result.pt"))
 
 
