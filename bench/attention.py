@@ -22,10 +22,12 @@ machine slows them alike.
 Also times the whole one-layer LM (embedding, attention + MLP + norms, head and loss; `blocked`) at
 N = 4096 with 4096 of memory, batch 1, fp32, forward+backward, against the official Transformer-LS
 attention layer ALONE, alternately in this process, median of --layer-repeat (5): issue 15 asks for a
-ratio <= 0.5. The official layer is read from a checkout of NVIDIA/transformer-ls given by
---official-layer PATH/autoregressive/model_lib/layer.py (see BENCHMARKS.md); without the flag that
-comparison is skipped. --profile prints where the attention layer's time goes (torch.profiler, N = 4096,
-M = 4096): issue 15 asks for concatenation + copies + fills + elementwise adds <= 20% of its self time.
+ratio <= 0.5. On the CPU it also prints the floor of that ratio on this machine (bench/lm_floor.py: the LM's
+products at the fp32 matmul rate measured in the same run, nothing else counted). The official layer is read
+from a checkout of NVIDIA/transformer-ls given by --official-layer PATH/autoregressive/model_lib/layer.py (see
+BENCHMARKS.md); without the flag that comparison is skipped. --profile prints where the attention layer's time
+goes (torch.profiler, N = 4096, M = 4096): issue 15 asks for concatenation + copies + fills + elementwise adds
+<= 20% of its self time.
 Writes JSON (bench/results/attention-<device>.json or --output) after every size, and prints a table (median
 and minimum of the timed runs: on a shared CPU the minimum is the better estimate of the cost).
 """
@@ -44,6 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.lm_floor import lm_floor  # noqa: E402
 from bench.official_layer import OfficialAttention, OfficialLayerError, load_official_layer  # noqa: E402
 from bench.op_profile import op_shares, print_shares  # noqa: E402
 from bench.results_json import write_json  # noqa: E402
@@ -246,6 +249,9 @@ def lm_vs_official(args, device, dtype, autocast_dtype) -> dict:
         raise SystemExit("bench/attention.py: " + "; ".join(f"{name}: {why}" for name, why in failed.items()))
     out = dict(what="whole one-layer LM (blocked) vs the official Transformer-LS attention layer alone", N=n, M=m,
                B=1, lm_ms=1e3 * statistics.median(ours.times), lm_all_ms=[1e3 * t for t in ours.times])
+    if device.type == "cpu" and autocast_dtype is None:
+        out["floor"] = lm_floor(ours.step, n=n, m=m, hidden=args.hidden, heads=args.heads, window=args.window,
+                                chunk=args.chunk, rank=args.rank)
     if official is None:
         out["official"] = ("skipped: pass --official-layer PATH (NVIDIA/transformer-ls "
                            "autoregressive/model_lib/layer.py)")
@@ -254,6 +260,8 @@ def lm_vs_official(args, device, dtype, autocast_dtype) -> dict:
                official_source=os.path.abspath(args.official_layer))
     out["ratio"] = out["lm_ms"] / out["official_ms"]
     out["target_ratio"] = TARGET_RATIO
+    if "floor" in out:
+        out["floor"]["ratio"] = out["floor"]["floor_ms"] / out["official_ms"]
     return out
 
 
@@ -266,6 +274,16 @@ def profile_attention(args, device, dtype, autocast_dtype) -> dict:
     case = Case(layer.attention, (x, mem), device, autocast_dtype)
     case.step()
     return op_shares(case.step)
+
+
+def print_floor(f: dict) -> None:
+    line = (f"floor on this machine: {f['outside_core_flops'] / 1e9:.1f} GFLOP of products outside the core + "
+            f"{f['core_floor_flops'] / 1e9:.1f} at the core's floor (blocked today: {f['core_flops'] / 1e9:.1f}), at "
+            f"the measured fp32 matmul rate {f['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s, nothing else counted: "
+            f">= {f['floor_ms'] / 1e3:.2f} s (the products outside the core alone {f['outside_core_ms'] / 1e3:.2f} s)")
+    if "ratio" in f:
+        line += f"; the ratio cannot go below {f['ratio']:.2f} here"
+    print(line)
 
 
 def _row_line(r: dict) -> str:
@@ -345,6 +363,8 @@ def main() -> None:
                   f"{comparison['ratio']:.2f} ({verdict} the target {TARGET_RATIO})")
         else:
             print(f"official attention layer: {comparison['official']}")
+        if "floor" in comparison:
+            print_floor(comparison["floor"])
     if args.profile:
         profile = profile_attention(args, device, dtype, autocast_dtype)
         print_shares("attention layer (blocked, N=4096 M=4096) forward+backward by operator", profile)

@@ -61,13 +61,14 @@ class ByteCounter(TorchDispatchMode):
         return out
 
 
-def floor_flops(B: int, H: int, N: int, M: int, dh: int, w: int, c: int, r: int) -> int:
-    """10 products x 2 dh FLOPs per visible (query, window key or landmark) pair."""
+def floor_flops(B: int, H: int, N: int, M: int, dh: int, w: int, c: int, r: int, products: int = 10) -> int:
+    """`products` x 2 dh FLOPs per visible (query, window key or landmark) pair: 10 for a kernel that rebuilds the
+    scores in its backward (3 forward: q.k, q.R, P.v; 2 rebuilt; 5 backward), 8 for one that keeps them."""
     pairs = 0
     for i in range(N):
         t = M + i
         pairs += min(w, t + 1) + t // c * r
-    return 10 * 2 * dh * pairs * B * H
+    return products * 2 * dh * pairs * B * H
 
 
 def account(B: int, N: int, M: int, dtype: torch.dtype, H: int = 8, dh: int = 64, w: int = 512, c: int = 16,
