@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from megatron_ls.model.attention.common import softmax_dtype
 
@@ -18,7 +17,12 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout
                    softmax_scale: float | None = None) -> torch.Tensor:
     """q (B, H, N, dh); k, v (B, H, P + N, dh) -> (B, H, N, dh)."""
     N, S = q.shape[2], k.shape[2]
-    mask = None if S == N else causal_lower_right(N, S)
+    mask = None
+    if S != N:
+        # Imported here: torch.nn.attention.bias pulls in torch._dynamo, about 2 s of every process's start.
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(N, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == N, dropout_p=dropout_p,
                                           scale=softmax_scale)
 
