@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
+
+from tests.repo_paths import REPO_ROOT
 
 
 # ---- main(): what reaches the user when set-up is cut short ----------------------------------
@@ -32,3 +36,15 @@ def test_main_sigterm_during_setup_and_lost_peer(monkeypatch, capsys):
     monkeypatch.setattr(pretrain, "train", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # a real bug keeps its traceback
         pretrain.main([])
+
+
+def test_argument_and_data_errors_come_before_torch_dynamo_loads(tmp_path):
+    """torch._dynamo adds about 2 s to a process's start; training loads it (torch.optim does), --help and the
+    errors about flags and shards must not wait for it."""
+    code = ("import sys\nfrom megatron_ls.cli import pretrain\n"
+            "rc = pretrain.main(['--data-path', sys.argv[1], '--seq-length', '64', '--train-iters', '1'])\n"
+            "print('torch._dynamo' in sys.modules, rc)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing")], cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.stdout.split() == ["False", "1"], r.stdout + r.stderr[-2000:]
+    assert "shard metadata not found" in r.stderr
