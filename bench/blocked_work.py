@@ -62,8 +62,8 @@ class ByteCounter(TorchDispatchMode):
 
 
 def floor_flops(B: int, H: int, N: int, M: int, dh: int, w: int, c: int, r: int, products: int = 10) -> int:
-    """`products` x 2 dh FLOPs per visible (query, window key or landmark) pair: 10 for a kernel that rebuilds the
-    scores in its backward (3 forward: q.k, q.R, P.v; 2 rebuilt; 5 backward), 8 for one that keeps them."""
+    """`products` x 2 dh FLOPs per visible (query, window key or landmark) pair: 10 is the issue's floor for the
+    fused kernels; a core that keeps its probabilities needs 9 (bench/lm_floor.py)."""
     pairs = 0
     for i in range(N):
         t = M + i

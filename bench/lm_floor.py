@@ -1,7 +1,7 @@
 """The fewest seconds the one-layer LM's forward+backward can take on this machine, whatever the attention code.
 
 Its matrix products are counted op by op (bench/blocked_work.py's counter, in-place products included) over one
-real step; the blocked core's own products are replaced by the core's floor (8 products x 2 dh FLOPs per visible
+real step; the blocked core's own products are replaced by the core's floor (9 products x 2 dh FLOPs per visible
 pair: a core that keeps its probabilities, as the blocked one does); everything that is not a product (norms,
 softmax, GELU, the loss, memory traffic) is counted as free. Divided by this machine's fp32 matmul rate, measured
 in the same run (the best of several 2048^3 products), that is a lower bound on the LM's time, and so on the ratio
@@ -17,7 +17,9 @@ import torch
 
 from bench.blocked_work import ByteCounter, account, floor_flops
 
-CORE_PRODUCTS_KEPT_PROBS = 8  # q.k, q.R, P.v forward; dP, dV, dQ (two terms), dK backward: nothing rebuilt
+# Per visible pair, a core that keeps its probabilities: q.k, q.R, P.v forward; dP, dV, dQ (from dS and from dA),
+# dK, dR backward; nothing rebuilt.
+CORE_PRODUCTS_KEPT_PROBS = 9
 
 
 def matmul_rate(dtype: torch.dtype = torch.float32, size: int = 2048, repeat: int = 10) -> float:
