@@ -71,17 +71,23 @@ def floor_flops(B: int, H: int, N: int, M: int, dh: int, w: int, c: int, r: int,
     return products * 2 * dh * pairs * B * H
 
 
-def account(B: int, N: int, M: int, dtype: torch.dtype, H: int = 8, dh: int = 64, w: int = 512, c: int = 16,
-            r: int = 1) -> dict:
-    dev = torch.device("meta")
+def core_inputs(B: int, N: int, M: int, dtype: torch.dtype, device: torch.device, H: int, dh: int, w: int, c: int,
+                r: int) -> tuple[torch.Tensor, ...]:
+    """Trainable inputs of long_short_attention_blocked at this geometry (random; uninitialised on meta):
+    q, window k / v, landmark k / v, u, v, R_w, R_c."""
     P = min(M, w - 1)
     n_lm = (M + N) // c * r
 
     def t(*shape):
-        return torch.empty(shape, device=dev, dtype=dtype, requires_grad=True)
+        return torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
 
-    args = (t(B, H, N, dh), t(B, H, P + N, dh), t(B, H, P + N, dh), t(B, H, n_lm, dh), t(B, H, n_lm, dh),
+    return (t(B, H, N, dh), t(B, H, P + N, dh), t(B, H, P + N, dh), t(B, H, n_lm, dh), t(B, H, n_lm, dh),
             t(H, dh), t(H, dh), t(H, w, dh), t(H, max((M + N) // c - 1, 1), dh))
+
+
+def account(B: int, N: int, M: int, dtype: torch.dtype, H: int = 8, dh: int = 64, w: int = 512, c: int = 16,
+            r: int = 1) -> dict:
+    args = core_inputs(B, N, M, dtype, torch.device("meta"), H, dh, w, c, r)
     counter = ByteCounter()
     with counter:
         out = long_short_attention_blocked(*args, window=w, chunk=c, chunk_rank=r, mem_len=M)

@@ -2,7 +2,7 @@
 
 import torch
 
-from bench.blocked_work import account
+from bench.blocked_work import account, core_inputs
 from bench.lm_floor import product_flops
 from megatron_ls.model.attention import long_short_attention_blocked
 
@@ -18,17 +18,10 @@ def test_product_flops_counts_a_linear_forward_and_backward():
 def test_the_core_counted_on_meta_equals_the_core_run_for_real():
     """lm_floor subtracts the core's products counted on the meta device from the LM's counted for real."""
     B, H, N, M, dh, w, c, r = 1, 2, 64, 32, 8, 16, 4, 1
-    P, n_lm = min(M, w - 1), (M + N) // c * r
-
-    def t(*shape):
-        return torch.randn(shape, requires_grad=True)
-
-    args = (t(B, H, N, dh), t(B, H, P + N, dh), t(B, H, P + N, dh), t(B, H, n_lm, dh), t(B, H, n_lm, dh),
-            t(H, dh), t(H, dh), t(H, w, dh), t(H, (M + N) // c - 1, dh))
+    args = core_inputs(B, N, M, torch.float32, torch.device("cpu"), H, dh, w, c, r)
 
     def step():
         long_short_attention_blocked(*args, window=w, chunk=c, chunk_rank=r, mem_len=M).sum().backward()
 
     counted = account(B, N, M, torch.float32, H=H, dh=dh, w=w, c=c, r=r)["blocked_matmul_flops"]
     assert counted > 0 and product_flops(step) == counted
-
