@@ -23,7 +23,9 @@ Also times the whole one-layer LM (embedding, attention + MLP + norms, head and 
 N = 4096 with 4096 of memory, batch 1, fp32, forward+backward, against the official Transformer-LS
 attention layer ALONE, alternately in this process, median of --layer-repeat (5): issue 15 asks for a
 ratio <= 0.5. On the CPU it also prints the floor of that ratio on this machine (bench/lm_floor.py: the LM's
-products at the fp32 matmul rate measured in the same run, nothing else counted). The official layer is read
+products at the fp32 matmul rate measured in the same run, nothing else counted), and times the same LM with a
+core that costs nothing in the same rounds (bench/free_core.py): the time outside the core, and so the time the
+target leaves the core. The official layer is read
 from a checkout of NVIDIA/transformer-ls given by --official-layer PATH/autoregressive/model_lib/layer.py (see
 BENCHMARKS.md); without the flag that comparison is skipped. --profile prints where the attention layer's time
 goes (torch.profiler, N = 4096, M = 4096): issue 15 asks for concatenation + copies + fills + elementwise adds
@@ -46,6 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.free_core import free_core  # noqa: E402
 from bench.lm_floor import lm_floor  # noqa: E402
 from bench.official_layer import OfficialAttention, OfficialLayerError, load_official_layer  # noqa: E402
 from bench.op_profile import op_shares, print_shares  # noqa: E402
@@ -136,6 +139,14 @@ class Case:
         mem_mib, mem_kind = self.memory()
         return dict(ms=1e3 * statistics.median(self.times), min_ms=1e3 * min(self.times),
                     all_ms=[1e3 * t for t in self.times], mem_mib=mem_mib, mem_kind=mem_kind)
+
+
+class FreeCoreCase(Case):
+    """A case whose steps run with a blocked core that costs nothing (bench/free_core.py)."""
+
+    def step(self) -> None:
+        with free_core():
+            super().step()
 
 
 def alternate(cases: dict[str, Case], repeat: int) -> dict[str, str]:
@@ -235,7 +246,8 @@ def one_layer_lm(args, device, dtype, autocast_dtype, n: int, m: int) -> Case:
 def lm_vs_official(args, device, dtype, autocast_dtype) -> dict:
     n = m = 4096
     ours = one_layer_lm(args, device, dtype, autocast_dtype, n, m)
-    cases, official = {"one-layer LM": ours}, None
+    rest = FreeCoreCase(ours.module, ours.inputs, device, autocast_dtype, ours.loss)
+    cases, official = {"one-layer LM": ours, "one-layer LM, free core": rest}, None
     if args.official_layer:
         module = load_official_layer(args.official_layer)
         torch.manual_seed(0)
@@ -248,7 +260,8 @@ def lm_vs_official(args, device, dtype, autocast_dtype) -> dict:
     if failed:
         raise SystemExit("bench/attention.py: " + "; ".join(f"{name}: {why}" for name, why in failed.items()))
     out = dict(what="whole one-layer LM (blocked) vs the official Transformer-LS attention layer alone", N=n, M=m,
-               B=1, lm_ms=1e3 * statistics.median(ours.times), lm_all_ms=[1e3 * t for t in ours.times])
+               B=1, lm_ms=1e3 * statistics.median(ours.times), lm_all_ms=[1e3 * t for t in ours.times],
+               outside_core_ms=1e3 * statistics.median(rest.times))
     if device.type == "cpu" and autocast_dtype is None:
         out["floor"] = lm_floor(ours.step, n=n, m=m, hidden=args.hidden, heads=args.heads, window=args.window,
                                 chunk=args.chunk, rank=args.rank)
@@ -260,6 +273,8 @@ def lm_vs_official(args, device, dtype, autocast_dtype) -> dict:
                official_source=os.path.abspath(args.official_layer))
     out["ratio"] = out["lm_ms"] / out["official_ms"]
     out["target_ratio"] = TARGET_RATIO
+    out["outside_core_ratio"] = out["outside_core_ms"] / out["official_ms"]
+    out["core_budget_ms"] = TARGET_RATIO * out["official_ms"] - out["outside_core_ms"]
     if "floor" in out:
         out["floor"]["ratio"] = out["floor"]["floor_ms"] / out["official_ms"]
     return out
@@ -283,6 +298,20 @@ def print_floor(f: dict) -> None:
             f">= {f['floor_ms'] / 1e3:.2f} s (the products outside the core alone {f['outside_core_ms'] / 1e3:.2f} s)")
     if "ratio" in f:
         line += f"; the ratio cannot go below {f['ratio']:.2f} here"
+    print(line)
+
+
+def print_core_budget(c: dict) -> None:
+    """What the target leaves the core, from the LM timed with a core that costs nothing (bench/free_core.py)."""
+    line = (f"outside the core (the same LM with a core that costs nothing, timed in the same rounds): "
+            f"{c['outside_core_ms'] / 1e3:.2f} s, so the core takes {(c['lm_ms'] - c['outside_core_ms']) / 1e3:.2f} s")
+    if "core_budget_ms" in c:
+        line += (f"; that is {c['outside_core_ratio']:.2f} x the official layer, and the target {TARGET_RATIO} leaves "
+                 f"the core {c['core_budget_ms'] / 1e3:.2f} s")
+    if "floor" in c:
+        f = c["floor"]
+        line += (f"; its products alone need {f['core_floor_flops'] / f['matmul_flops_per_s']:.2f} s at the matmul "
+                 f"rate above (at the floor; {f['core_flops'] / f['matmul_flops_per_s']:.2f} s as blocked issues them)")
     print(line)
 
 
@@ -365,6 +394,7 @@ def main() -> None:
             print(f"official attention layer: {comparison['official']}")
         if "floor" in comparison:
             print_floor(comparison["floor"])
+        print_core_budget(comparison)
     if args.profile:
         profile = profile_attention(args, device, dtype, autocast_dtype)
         print_shares("attention layer (blocked, N=4096 M=4096) forward+backward by operator", profile)
