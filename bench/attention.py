@@ -25,7 +25,9 @@ attention layer ALONE, alternately in this process, median of --layer-repeat (5)
 ratio <= 0.5. On the CPU it also prints the floor of that ratio on this machine (bench/lm_floor.py: the LM's
 products at the fp32 matmul rate measured in the same run, nothing else counted), and times the same LM with a
 core that costs nothing in the same rounds (bench/free_core.py): the time outside the core, and so the time the
-target leaves the core. The official layer is read
+target leaves the core. It counts each case's page faults per step: under glibc's default malloc the official
+layer takes ~600k (GB of fresh pages, zeroed by the kernel, per step), the LM ~50k; --keep-freed-memory
+measures with glibc keeping what it frees (bench/allocator.py), as a caching allocator would. The official layer is read
 from a checkout of NVIDIA/transformer-ls given by --official-layer PATH/autoregressive/model_lib/layer.py (see
 BENCHMARKS.md); without the flag that comparison is skipped. --profile prints where the attention layer's time
 goes (torch.profiler, N = 4096, M = 4096): issue 15 asks for concatenation + copies + fills + elementwise adds
@@ -48,6 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.allocator import keep_freed_memory, minor_faults  # noqa: E402
 from bench.free_core import free_core  # noqa: E402
 from bench.lm_floor import lm_floor  # noqa: E402
 from bench.official_layer import OfficialAttention, OfficialLayerError, load_official_layer  # noqa: E402
@@ -105,6 +108,7 @@ class Case:
         self.module, self.inputs, self.device, self.autocast_dtype = module, inputs, device, autocast_dtype
         self.loss = loss or (lambda out: out.float().sum())
         self.times: list[float] = []
+        self.faults: list[int] = []  # page faults of each timed step (CPU: fresh pages from the allocator)
 
     def forward(self):
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
@@ -118,10 +122,11 @@ class Case:
             if isinstance(t, torch.Tensor):
                 t.grad = None
         sync(self.device)
-        t0 = time.perf_counter()
+        f0, t0 = minor_faults(), time.perf_counter()
         self.step()
         sync(self.device)
         self.times.append(time.perf_counter() - t0)
+        self.faults.append(minor_faults() - f0)
 
     def memory(self) -> tuple[float, str]:
         if self.device.type == "cuda":
@@ -261,7 +266,9 @@ def lm_vs_official(args, device, dtype, autocast_dtype) -> dict:
         raise SystemExit("bench/attention.py: " + "; ".join(f"{name}: {why}" for name, why in failed.items()))
     out = dict(what="whole one-layer LM (blocked) vs the official Transformer-LS attention layer alone", N=n, M=m,
                B=1, lm_ms=1e3 * statistics.median(ours.times), lm_all_ms=[1e3 * t for t in ours.times],
-               outside_core_ms=1e3 * statistics.median(rest.times))
+               outside_core_ms=1e3 * statistics.median(rest.times),
+               faults_per_step=dict(lm=statistics.median(ours.faults), lm_free_core=statistics.median(rest.faults)),
+               keep_freed_memory=args.keep_freed_memory)
     if device.type == "cpu" and autocast_dtype is None:
         out["floor"] = lm_floor(ours.step, n=n, m=m, hidden=args.hidden, heads=args.heads, window=args.window,
                                 chunk=args.chunk, rank=args.rank)
@@ -269,6 +276,7 @@ def lm_vs_official(args, device, dtype, autocast_dtype) -> dict:
         out["official"] = ("skipped: pass --official-layer PATH (NVIDIA/transformer-ls "
                            "autoregressive/model_lib/layer.py)")
         return out
+    out["faults_per_step"]["official"] = statistics.median(official.faults)
     out.update(official_ms=1e3 * statistics.median(official.times), official_all_ms=[1e3 * t for t in official.times],
                official_source=os.path.abspath(args.official_layer))
     out["ratio"] = out["lm_ms"] / out["official_ms"]
@@ -344,6 +352,9 @@ def main() -> None:
     p.add_argument("--layer-only", action="store_true", help="only the one-layer LM vs official measurement")
     p.add_argument("--no-layer", action="store_true", help="skip the one-layer LM vs official measurement")
     p.add_argument("--layer-repeat", type=int, default=5, help="timed rounds of the LM vs official comparison")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc serves every block from its heap and keeps what is freed (bench/allocator.py): "
+                        "steps stop paying page faults for fresh memory")
     p.add_argument("--official-layer", metavar="PATH",
                    help="NVIDIA/transformer-ls autoregressive/model_lib/layer.py, for the LM vs official comparison")
     p.add_argument("--profile", action="store_true",
@@ -352,6 +363,11 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        try:
+            keep_freed_memory()
+        except RuntimeError as e:
+            sys.exit(f"bench/attention.py: --keep-freed-memory: {e}")
 
     device = torch.device(args.device)
     # Half types run as fp32 weights under autocast (the usual mixed-precision training setting).
@@ -361,7 +377,8 @@ def main() -> None:
                                                  else platform.processor() or platform.machine()),
                threads=torch.get_num_threads(), torch=torch.__version__, dtype=args.dtype,
                date=time.strftime("%Y-%m-%d %H:%M:%S"), hidden=args.hidden, heads=args.heads, window=args.window,
-               chunk=args.chunk, rank=args.rank, mem_ratio=args.mem_ratio, repeat=args.repeat)
+               chunk=args.chunk, rank=args.rank, mem_ratio=args.mem_ratio, repeat=args.repeat,
+               keep_freed_memory=args.keep_freed_memory)
     print(f"# {env['device_name']} ({env['device']}, {env['threads']} threads), {args.dtype}, D={args.hidden} "
           f"H={args.heads} w={args.window} c={args.chunk} r={args.rank}, M={args.mem_ratio}*N")
 
@@ -395,6 +412,10 @@ def main() -> None:
         if "floor" in comparison:
             print_floor(comparison["floor"])
         print_core_budget(comparison)
+        faults = ", ".join(f"{name} {n / 1e3:.0f}k" for name, n in comparison["faults_per_step"].items())
+        how = ("glibc keeping freed memory (--keep-freed-memory)" if args.keep_freed_memory else
+               "the default allocator; --keep-freed-memory measures without most of them (bench/allocator.py)")
+        print(f"page faults per step, median: {faults}; {how}")
     if args.profile:
         profile = profile_attention(args, device, dtype, autocast_dtype)
         print_shares("attention layer (blocked, N=4096 M=4096) forward+backward by operator", profile)
