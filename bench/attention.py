@@ -19,19 +19,19 @@ saves for the backward (distinct storages), the activation footprint that grows 
 The implementations of one size are timed alternately (one step of each per round), so that a busy
 machine slows them alike.
 
-Also times the whole one-layer LM (embedding, attention + MLP + norms, head and loss; `blocked`) at
-N = 4096 with 4096 of memory, batch 1, fp32, forward+backward, against the official Transformer-LS
-attention layer ALONE, alternately in this process, median of --layer-repeat (5): issue 15 asks for a
-ratio <= 0.5. On the CPU it also prints the floor of that ratio on this machine (bench/lm_floor.py: the LM's
-products at the fp32 matmul rate measured in the same run, nothing else counted), and times the same LM with a
-core that costs nothing in the same rounds (bench/free_core.py): the time outside the core, and so the time the
-target leaves the core. It counts each case's page faults per step: under glibc's default malloc the official
-layer takes ~600k (GB of fresh pages, zeroed by the kernel, per step), the LM ~50k; --keep-freed-memory
-measures with glibc keeping what it frees (bench/allocator.py), as a caching allocator would. The official layer is read
-from a checkout of NVIDIA/transformer-ls given by --official-layer PATH/autoregressive/model_lib/layer.py (see
-BENCHMARKS.md); without the flag that comparison is skipped. --profile prints where the attention layer's time
-goes (torch.profiler, N = 4096, M = 4096): issue 15 asks for concatenation + copies + fills + elementwise adds
-<= 20% of its self time.
+Also times the whole one-layer LM (embedding, attention + MLP + norms, head and loss; `blocked`) at N = 4096 with
+4096 of memory, batch 1, fp32, forward+backward, against the official Transformer-LS attention layer ALONE,
+alternately in this process, median of --layer-repeat (5): issue 15 asks for a ratio <= 0.5. On the CPU it also
+prints the floor of that ratio on this machine (bench/lm_floor.py: the LM's products at the fp32 matmul rate
+measured in the same run, nothing else counted), and times the same LM with a core that costs nothing in the same
+rounds (bench/free_core.py): the time outside the core, and so the time the target leaves the core; and our
+attention layer alone, the official layer's scope. It counts each case's page faults per step: under glibc's
+default malloc the official layer takes ~600k (GB of fresh pages, zeroed by the kernel, per step), the LM ~50k;
+--keep-freed-memory measures with glibc keeping what it frees (bench/allocator.py), as a caching allocator would.
+The official layer is read from a checkout of NVIDIA/transformer-ls given by --official-layer
+PATH/autoregressive/model_lib/layer.py (see BENCHMARKS.md); without the flag that comparison is skipped. --profile
+prints where the attention layer's time goes (torch.profiler, N = 4096, M = 4096): issue 15 asks for concatenation
++ copies + fills + elementwise adds <= 20% of its self time.
 Writes JSON (bench/results/attention-<device>.json or --output) after every size, and prints a table (median
 and minimum of the timed runs: on a shared CPU the minimum is the better estimate of the cost).
 """
@@ -252,14 +252,15 @@ def lm_vs_official(args, device, dtype, autocast_dtype) -> dict:
     n = m = 4096
     ours = one_layer_lm(args, device, dtype, autocast_dtype, n, m)
     rest = FreeCoreCase(ours.module, ours.inputs, device, autocast_dtype, ours.loss)
-    cases, official = {"one-layer LM": ours, "one-layer LM, free core": rest}, None
+    layer = attention_layer(args, device, dtype, autocast_dtype, n, m)
+    cases, official = {"one-layer LM": ours, "one-layer LM, free core": rest, "attention layer": layer}, None
     if args.official_layer:
         module = load_official_layer(args.official_layer)
         torch.manual_seed(0)
-        layer = OfficialAttention(module, args.hidden, args.heads, args.chunk, args.rank, args.window, n, m)
+        theirs = OfficialAttention(module, args.hidden, args.heads, args.chunk, args.rank, args.window, n, m)
         x = torch.randn(1, n, args.hidden, device=device, dtype=dtype, requires_grad=True)
         mem = torch.randn(1, m, args.hidden, device=device, dtype=dtype)
-        official = Case(layer.to(device, dtype), (x, mem), device, autocast_dtype)
+        official = Case(theirs.to(device, dtype), (x, mem), device, autocast_dtype)
         cases["official layer"] = official
     failed = alternate(cases, args.layer_repeat)
     if failed:
@@ -267,7 +268,9 @@ def lm_vs_official(args, device, dtype, autocast_dtype) -> dict:
     out = dict(what="whole one-layer LM (blocked) vs the official Transformer-LS attention layer alone", N=n, M=m,
                B=1, lm_ms=1e3 * statistics.median(ours.times), lm_all_ms=[1e3 * t for t in ours.times],
                outside_core_ms=1e3 * statistics.median(rest.times),
-               faults_per_step=dict(lm=statistics.median(ours.faults), lm_free_core=statistics.median(rest.faults)),
+               layer_ms=1e3 * statistics.median(layer.times),
+               faults_per_step=dict(lm=statistics.median(ours.faults), lm_free_core=statistics.median(rest.faults),
+                                    layer=statistics.median(layer.faults)),
                keep_freed_memory=args.keep_freed_memory)
     if device.type == "cpu" and autocast_dtype is None:
         out["floor"] = lm_floor(ours.step, n=n, m=m, hidden=args.hidden, heads=args.heads, window=args.window,
@@ -283,18 +286,23 @@ def lm_vs_official(args, device, dtype, autocast_dtype) -> dict:
     out["target_ratio"] = TARGET_RATIO
     out["outside_core_ratio"] = out["outside_core_ms"] / out["official_ms"]
     out["core_budget_ms"] = TARGET_RATIO * out["official_ms"] - out["outside_core_ms"]
+    out["layer_ratio"] = out["layer_ms"] / out["official_ms"]
     if "floor" in out:
         out["floor"]["ratio"] = out["floor"]["floor_ms"] / out["official_ms"]
     return out
 
 
-def profile_attention(args, device, dtype, autocast_dtype) -> dict:
-    n = m = 4096
+def attention_layer(args, device, dtype, autocast_dtype, n: int, m: int) -> Case:
+    """Our long-short attention layer alone (blocked): the same scope as the official layer."""
     torch.manual_seed(0)
     layer = TransformerLSLayer(config_for(args, "long-short", "blocked", n, m)).to(device, dtype)
     x = torch.randn(1, n, args.hidden, device=device, dtype=dtype, requires_grad=True)
     mem = torch.randn(1, m, args.hidden, device=device, dtype=dtype)
-    case = Case(layer.attention, (x, mem), device, autocast_dtype)
+    return Case(layer.attention, (x, mem), device, autocast_dtype)
+
+
+def profile_attention(args, device, dtype, autocast_dtype) -> dict:
+    case = attention_layer(args, device, dtype, autocast_dtype, 4096, 4096)
     case.step()
     return op_shares(case.step)
 
@@ -412,6 +420,10 @@ def main() -> None:
         if "floor" in comparison:
             print_floor(comparison["floor"])
         print_core_budget(comparison)
+        line = f"our attention layer alone (blocked, the official layer's scope): {comparison['layer_ms'] / 1e3:.2f} s"
+        if "layer_ratio" in comparison:
+            line += f", {comparison['layer_ratio']:.2f} x the official layer alone"
+        print(line)
         faults = ", ".join(f"{name} {n / 1e3:.0f}k" for name, n in comparison["faults_per_step"].items())
         how = ("glibc keeping freed memory (--keep-freed-memory)" if args.keep_freed_memory else
                "the default allocator; --keep-freed-memory measures without most of them (bench/allocator.py)")
