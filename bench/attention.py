@@ -270,8 +270,7 @@ def lm_vs_official(args, device, dtype, autocast_dtype) -> dict:
                outside_core_ms=1e3 * statistics.median(rest.times),
                layer_ms=1e3 * statistics.median(layer.times),
                faults_per_step=dict(lm=statistics.median(ours.faults), lm_free_core=statistics.median(rest.faults),
-                                    layer=statistics.median(layer.faults)),
-               keep_freed_memory=args.keep_freed_memory)
+                                    layer=statistics.median(layer.faults)))
     if device.type == "cpu" and autocast_dtype is None:
         out["floor"] = lm_floor(ours.step, n=n, m=m, hidden=args.hidden, heads=args.heads, window=args.window,
                                 chunk=args.chunk, rank=args.rank)

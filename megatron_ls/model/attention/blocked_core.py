@@ -45,12 +45,13 @@ def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.copy_(torch.bmm(a, b))
 
 
-def _softmax_grad(dP: torch.Tensor, P: torch.Tensor, keep: torch.Tensor | None, delta: torch.Tensor, geo: Geometry,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """dS = P * (dP - delta) in place on dP (dropout applied to dP first); delta = rowsum(P * dP) = dO . O, one
-    dot per row instead of a pass over P."""
+def _softmax_grad(dP: torch.Tensor, P: torch.Tensor, keep: torch.Tensor | None, cols: slice, delta: torch.Tensor,
+                  geo: Geometry, dtype: torch.dtype) -> torch.Tensor:
+    """dS = P * (dP - delta) in place on dP, for the columns `cols` of the group's probabilities P and dropout mask
+    (applied to dP first); delta = rowsum(P * dP) = dO . O, one dot per row instead of a pass over P."""
+    P = P[..., cols]
     if keep is not None:
-        dP.mul_(keep).mul_(1 / (1 - geo.dropout_p))
+        dP.mul_(keep[..., cols]).mul_(1 / (1 - geo.dropout_p))
     if P.dtype == dtype:
         return dP.sub_(delta[..., None]).mul_(P)
     return dP.to(P.dtype).sub_(delta[..., None]).mul_(P).to(dtype)
@@ -209,8 +210,7 @@ def group_backward(t: Work, geo: Geometry, grp: Group, P: torch.Tensor, keep: to
         dP_win[gi].baddbmm_(dO[gi], t.vb[:, tile].transpose(1, 2), beta=0)
         if n_vis:
             dP_lm[gi].baddbmm_(dO[gi], t.vlm[:, :n_vis].transpose(1, 2), beta=0)
-    dS_win = _softmax_grad(dP_win, P[..., n_vis:], None if keep is None else keep[..., n_vis:], delta[s, :, :rows],
-                           geo, dtype)
+    dS_win = _softmax_grad(dP_win, P, keep, slice(n_vis, None), delta[s, :, :rows], geo, dtype)
     # Values, window keys and (q + u), window position through the band: per query block.
     qu, qv = t.qu[s, :, :rows], t.qv[s, :, :rows]
     dA = band(dS_win, geo, grp, 0)
@@ -227,8 +227,7 @@ def group_backward(t: Work, geo: Geometry, grp: Group, P: torch.Tensor, keep: to
         return
     # Landmarks: content, then the distance term gathered back into distance order through the skewed view.
     qs = t.qs[s, :, :rows]
-    dS_lm = _softmax_grad(dP_lm, P[..., :n_vis], None if keep is None else keep[..., :n_vis], delta[s, :, :rows],
-                          geo, dtype)
+    dS_lm = _softmax_grad(dP_lm, P, keep, slice(None, n_vis), delta[s, :, :rows], geo, dtype)
     dS_chunk = dS_lm if r == 1 else dS_lm.unflatten(-1, (grp.qmax, r)).sum(-1)  # per landmark chunk
     width = 2 * grp.qmax - grp.q0
     dA_lm = dS_lm.new_empty(g, BH, rows, width)
